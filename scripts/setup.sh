@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root and installs the project with its test tools.
+# Idempotent: a second run only installs what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first, pinned to the releases this machine serves from local disk (see README: "Installing torch").
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+    .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+fi
+.venv/bin/python -m pip install --quiet -e '.[dev]'
