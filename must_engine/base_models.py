@@ -1,0 +1,169 @@
+"""Base models: shipped offline models, open_clip architectures with pretrained tags, or weight files.
+
+A spec is one string so that it can travel through an API field:
+- a shipped name (`proxy-cifar10-tiny`), stored in open_clip's `local-dir` layout under base_models/;
+- `ARCH:TAG` (`ViT-B-16:openai`) or `ARCH:/path/to/weights` for any open_clip architecture;
+- open_clip's own `local-dir:/path` and `hf-hub:org/repo` schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from must_engine.config import ModelGeometry
+
+DEFAULT_BASE_MODEL = "proxy-cifar10-tiny"
+SHIPPED_DIR = Path(__file__).with_name("base_models")
+_SCHEMAS = ("local-dir:", "hf-hub:")
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be used: unknown name, or its weights are not available."""
+
+    def __init__(self, message: str, *, code: str = "unknown_base_model") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """A parsed spec: what open_clip's factory gets as model name and `pretrained`."""
+
+    spec: str
+    model_name: str
+    pretrained: str | None
+
+
+@dataclass
+class LoadedBaseModel:
+    spec: BaseModelSpec
+    model: open_clip.CLIP
+    tokenizer: Any
+    model_cfg: dict[str, Any]
+    preprocess_cfg: dict[str, Any]
+
+
+def list_base_models() -> list[str]:
+    shipped = sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "open_clip_config.json").is_file())
+    tagged = [f"{arch}:{tag}" for arch, tag in open_clip.list_pretrained()]
+    return shipped + tagged
+
+
+def parse_base_model(spec: str, pretrained: str | None = None) -> BaseModelSpec:
+    spec = spec.strip()
+    if not spec:
+        raise BaseModelError("base model name is empty")
+    shipped = SHIPPED_DIR / spec
+    if "/" not in spec and ":" not in spec and (shipped / "open_clip_config.json").is_file():
+        return BaseModelSpec(spec, f"local-dir:{shipped}", None)
+    if spec.startswith(_SCHEMAS):
+        return BaseModelSpec(spec, spec, None)
+    arch, sep, weights = spec.partition(":")
+    if sep and pretrained:
+        raise BaseModelError(f"{spec!r} already names its weights; do not also pass pretrained={pretrained!r}")
+    weights = weights or (pretrained or "")
+    if arch not in open_clip.list_models():
+        raise BaseModelError(
+            f"unknown base model {spec!r}: not a shipped model ({', '.join(_shipped_names())}) "
+            "nor an open_clip architecture"
+        )
+    if not weights:
+        raise BaseModelError(
+            f"base model {arch!r} needs weights: use {arch}:TAG with one of "
+            f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'no known tags'}, or {arch}:/path"
+        )
+    if weights.startswith("s3://"):
+        raise BaseModelError(
+            f"{weights} is in the object store; fetch it to a local file first", code="weights_unavailable"
+        )
+    if not open_clip.get_pretrained_cfg(arch, weights) and not Path(weights).is_file():
+        raise BaseModelError(
+            f"{weights!r} is neither a pretrained tag of {arch} "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(arch))}) nor an existing file",
+            code="weights_unavailable",
+        )
+    return BaseModelSpec(spec if sep else f"{arch}:{weights}", arch, weights)
+
+
+def check_base_model(spec: str, pretrained: str | None = None) -> None:
+    """Cheap validation for request handlers: parses the spec and reads its config, loads no weights."""
+    model_config(parse_base_model(spec, pretrained))
+
+
+def model_config(spec: BaseModelSpec) -> dict[str, Any]:
+    if spec.model_name.startswith("local-dir:"):
+        path = Path(spec.model_name.removeprefix("local-dir:")) / "open_clip_config.json"
+        try:
+            return dict(json.loads(path.read_text())["model_cfg"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise BaseModelError(f"cannot read model config {path}: {exc}") from exc
+    if spec.model_name.startswith("hf-hub:"):
+        raise BaseModelError("hf-hub models need the network to read their config", code="weights_unavailable")
+    config = open_clip.get_model_config(spec.model_name)
+    if config is None:
+        raise BaseModelError(f"unknown open_clip architecture {spec.model_name!r}")
+    return dict(config)
+
+
+def geometry(spec: BaseModelSpec) -> ModelGeometry:
+    vision = model_config(spec)["vision_cfg"]
+    if "timm_model_name" in vision or isinstance(vision.get("layers"), list | tuple):
+        raise BaseModelError(
+            f"{spec.spec}: MUST needs a ViT image tower with a [CLS] token (open_clip's VisionTransformer)"
+        )
+    size = vision.get("image_size", 224)
+    return ModelGeometry(
+        image_size=size if isinstance(size, int) else size[0],
+        patch_size=vision["patch_size"],
+        large=vision.get("width", 768) >= 1024,
+    )
+
+
+def _shipped_names() -> list[str]:
+    return [p.name for p in SHIPPED_DIR.iterdir() if (p / "open_clip_config.json").is_file()]
+
+
+def _ensure_weights_reachable(spec: BaseModelSpec) -> None:
+    """Fail in seconds, not after a minute of hub retries, when tagged weights cannot be had."""
+    if spec.pretrained is None or Path(spec.pretrained).is_file():
+        return
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+        return  # open_clip downloads them, with the short timeouts above
+    hub_repo = open_clip.get_pretrained_cfg(spec.model_name, spec.pretrained).get("hf_hub", "").rstrip("/")
+    from huggingface_hub import hf_hub_download
+
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        try:
+            hf_hub_download(hub_repo, filename, local_files_only=True)
+            return
+        except Exception:
+            continue
+    raise BaseModelError(
+        f"weights for {spec.spec} are not in the local cache and HF_HUB_OFFLINE is set. Download them where the "
+        "network allows, or pass a local weights file as ARCH:/path/to/weights.",
+        code="weights_unavailable",
+    )
+
+
+def load_base_model(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedBaseModel:
+    """The full CLIP model (both towers) in fp32; the text tower is dropped once the head is built."""
+    parsed = parse_base_model(spec, pretrained)
+    cfg = model_config(parsed)
+    geometry(parsed)
+    _ensure_weights_reachable(parsed)
+    try:
+        model = open_clip.create_model(parsed.model_name, pretrained=parsed.pretrained, device=device)
+    except Exception as exc:
+        raise BaseModelError(f"cannot load {parsed.spec}: {exc}", code="weights_unavailable") from exc
+    tokenizer = open_clip.get_tokenizer(parsed.model_name)
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    return LoadedBaseModel(parsed, model, tokenizer, cfg, preprocess_cfg)

@@ -1,0 +1,180 @@
+"""The `must` command line: adapt, eval, classify (and, when the service is installed, serve/admin)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from must_engine.artifact import is_artifact
+from must_engine.base_models import DEFAULT_BASE_MODEL, BaseModelError, geometry, parse_base_model
+from must_engine.config import PRESETS, ConfigError, resolve_config
+from must_engine.data import NoImagesError, collect_images
+from must_engine.images import ArchiveError, ImageError, open_image
+from must_engine.predictor import Predictor
+
+USER_ERRORS = (ConfigError, BaseModelError, ImageError, ArchiveError, NoImagesError, FileNotFoundError, ValueError)
+
+
+def parse_class_names(value: str) -> list[str]:
+    """A comma-separated list, or a file: a JSON array or one name per line."""
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text()
+        if text.lstrip().startswith("["):
+            names = json.loads(text)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{path}: expected a JSON array of strings")
+            return names
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return [name.strip() for name in value.split(",")]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _load_predictor(model: str, classes: str | None, device: str) -> Predictor:
+    if is_artifact(Path(model)):
+        if classes:
+            raise ValueError("--classes applies to base models; an adapted model has its own classes")
+        return Predictor.load(Path(model), device=device)
+    if not classes:
+        raise ValueError(f"{model} is not an adapted model directory; zero-shot on a base model needs --classes")
+    return Predictor.zero_shot(model, parse_class_names(classes), device=device)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from must_engine.train import Progress, adapt, clear_work_dir
+
+    class_names = parse_class_names(args.classes)
+    overrides = dict(parse_override(item) for item in args.set)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    spec = parse_base_model(args.base_model, args.pretrained)
+    out_dir = Path(args.out)
+    work_dir = Path(args.work_dir) if args.work_dir else out_dir.with_name(out_dir.name + ".work")
+    paths = collect_images(Path(args.images), work_dir / "images") if Path(args.images).suffix == ".zip" \
+        else collect_images(Path(args.images))
+    config = resolve_config(args.preset, overrides, num_images=len(paths), num_classes=len(class_names),
+                            geometry=geometry(spec))
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=args.quiet)
+
+    def show(progress: Progress) -> None:
+        bar.total = progress.total_steps
+        bar.n = progress.step
+        if progress.message:
+            bar.write(progress.message)
+        if progress.metrics:
+            keys = ("loss", "loss_st", "loss_mim", "above_tau", "agreement", "images_per_s")
+            bar.set_postfix({k: f"{progress.metrics[k]:.3g}" for k in keys if k in progress.metrics})
+        bar.refresh()
+
+    result = adapt(paths, class_names, out_dir, base_model=spec.spec, config=config, device=args.device,
+                   work_dir=work_dir, on_progress=show)
+    bar.close()
+    if not args.keep_checkpoint:
+        clear_work_dir(work_dir)
+    print(f"adapted model written to {result.artifact_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from must_engine.evaluate import evaluate, labelled_folders
+
+    classes = args.classes
+    if not is_artifact(Path(args.model)) and not classes:
+        classes = ",".join(labelled_folders(Path(args.data)))  # zero-shot over the folder's classes
+    result = evaluate(_load_predictor(args.model, classes, args.device), Path(args.data))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"top-1 {result.top1:.4f}  mean-per-class {result.mean_per_class:.4f}  n={result.n}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    predictor = _load_predictor(args.model, args.classes, args.device)
+    images = [open_image(Path(path)) for path in args.images]
+    results = predictor.classify(images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([
+            {"filename": path, "predictions": [{"label": label, "score": score} for label, score in preds]}
+            for path, preds in zip(args.images, results, strict=True)
+        ]))
+    else:
+        for path, preds in zip(args.images, results, strict=True):
+            print(f"{path}: " + ", ".join(f"{label} {score:.3f}" for label, score in preds))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="must", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    adapt = commands.add_parser("adapt", help="adapt a CLIP model to unlabeled images with MUST")
+    adapt.add_argument("--images", required=True, help="folder (searched recursively) or .zip of images")
+    adapt.add_argument("--classes", required=True, help="comma-separated names, or a file (JSON array or lines)")
+    adapt.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="shipped name, ARCH:TAG or ARCH:PATH")
+    adapt.add_argument("--pretrained", help="open_clip pretrained tag or weights path for --base-model ARCH")
+    adapt.add_argument("--preset", default="auto", choices=PRESETS)
+    adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    adapt.add_argument("--epochs", type=int)
+    adapt.add_argument("--device", default="auto")
+    adapt.add_argument("--out", required=True, help="directory for the adapted model artifact")
+    adapt.add_argument("--work-dir", help="checkpoint directory (default: OUT.work); a rerun resumes from it")
+    adapt.add_argument("--keep-checkpoint", action="store_true")
+    adapt.add_argument("--quiet", action="store_true", help="no progress bar")
+    adapt.set_defaults(handler=cmd_adapt)
+
+    evaluation = commands.add_parser("eval", help="top-1 and mean-per-class accuracy on a labelled folder")
+    evaluation.add_argument("--model", required=True, help="adapted model directory or base model name")
+    evaluation.add_argument("--data", required=True, help="folder laid out as root/<class name>/<images>")
+    evaluation.add_argument("--classes", help="class names for a base model (default: the folder names)")
+    evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("--json", action="store_true")
+    evaluation.set_defaults(handler=cmd_eval)
+
+    classify = commands.add_parser("classify", help="top-k labels for images")
+    classify.add_argument("--model", required=True, help="adapted model directory or base model name")
+    classify.add_argument("images", nargs="+")
+    classify.add_argument("--classes", help="class names for zero-shot with a base model")
+    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--device", default="auto")
+    classify.add_argument("--json", action="store_true")
+    classify.set_defaults(handler=cmd_classify)
+
+    # The service registers `serve` and `admin` here; the engine does not import it.
+    for entry in entry_points(group="must.commands"):
+        entry.load()(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except USER_ERRORS as exc:
+        code = getattr(exc, "code", None)
+        print(f"must {args.command}: error{f' [{code}]' if code else ''}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""MUST hyperparameters: one frozen dataclass, the paper's presets, and validation.
+
+A job's configuration is resolved once (preset + overrides + image/class counts + model geometry) and
+stored with the checkpoint and the artifact, so a resumed or audited run sees exactly what ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from must_engine.templates import TEMPLATE_SETS
+
+
+class ConfigError(ValueError):
+    """A preset or override the engine cannot run; `field` names the offending key."""
+
+    def __init__(self, message: str, *, field: str | None = None, code: str = "invalid_config") -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code
+
+
+@dataclass(frozen=True)
+class MustConfig:
+    # --- schedule and optimiser -------------------------------------------------------------------
+    epochs: int = 20
+    batch_size: int = 1024  # the method's batch (the paper: 16 GPUs x 64); reached by accumulation
+    micro_batch_size: int = 0  # images per forward pass; 0 = pick from the device (memory knob only)
+    base_lr: float = 2e-5  # lr = base_lr * batch_size / 256, as in the paper
+    min_lr: float = 1e-6  # scaled by batch_size / 256 like base_lr (reference code)
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    # The reference code puts the new [MSK] token in layer 0 (its name contains "embedding"), so it
+    # learns at 0.65^(L+1) of the head's lr. "embed" keeps that; "head" gives it the full lr.
+    mask_token_lr: Literal["embed", "head"] = "embed"
+    # --- self-training ---------------------------------------------------------------------------
+    tau: float = 0.5  # pseudo-label confidence threshold
+    ema_init: float = 0.99
+    ema_final: float = 0.9998
+    ema_warmup: int = 500  # optimizer steps over which the EMA decay ramps linearly
+    w_fair: float = 1.0
+    # "auto": batch average when the micro-batch holds at least as many images as classes, else a
+    # moving average (the reference switches at a fixed 512 classes; the real issue is classes vs batch).
+    fair_mode: Literal["auto", "batch", "moving_average"] = "auto"
+    fair_momentum: float = 0.5
+    # --- masked image modeling and alignment -----------------------------------------------------
+    mim: bool = True  # False = self-training only (no masking, decoder or alignment)
+    mask_patch: int = 32  # mask cell in pixels; a multiple of the model's patch size
+    mask_ratio: float = 0.3
+    w_mim: float = 1.0
+    w_align: float = 0.2
+    align_target: Literal["cls", "nearest_k"] = "cls"
+    align_k: int = 4
+    # --- augmentation ----------------------------------------------------------------------------
+    input_size: int = 224
+    crop_scale_min: float = 0.3
+    randaugment: str = "rand-m9-mstd0.5-inc1"  # timm policy string, the reference code's default
+    templates: str = "default"  # prompt template set (see templates.json)
+    # --- system ----------------------------------------------------------------------------------
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    num_workers: int = -1  # -1 = min(8, cpu count)
+    seed: int = 0
+    checkpoint_every: int = 100  # optimizer steps
+    log_every: int = 10
+    # The paper evaluates (and the reference logs) the EMA teacher, which is smoother than the student.
+    export: Literal["teacher", "student"] = "teacher"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size if self.micro_batch_size else 1
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+    @property
+    def scaled_min_lr(self) -> float:
+        return self.min_lr * self.batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["notes"] = list(self.notes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MustConfig:
+        values = dict(data)
+        values["notes"] = tuple(values.get("notes", ()))
+        return cls(**{k: v for k, v in values.items() if k in _FIELDS})
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(MustConfig)}
+
+# Ranges checked for every resolved config: (minimum, maximum), inclusive.
+_RANGES: dict[str, tuple[float, float]] = {
+    "epochs": (1, 1000),
+    "batch_size": (1, 65536),
+    "micro_batch_size": (0, 4096),
+    "base_lr": (0.0, 1.0),
+    "min_lr": (0.0, 1.0),
+    "warmup_steps": (0, 10_000_000),
+    "weight_decay": (0.0, 1.0),
+    "layer_decay": (0.01, 1.0),
+    "tau": (0.0, 1.0),
+    "ema_init": (0.0, 1.0),
+    "ema_final": (0.0, 1.0),
+    "ema_warmup": (0, 10_000_000),
+    "w_fair": (0.0, 100.0),
+    "fair_momentum": (0.0, 0.999),
+    "mask_patch": (1, 1024),
+    "mask_ratio": (0.0, 0.95),
+    "w_mim": (0.0, 100.0),
+    "w_align": (0.0, 100.0),
+    "align_k": (1, 64),
+    "input_size": (16, 1024),
+    "crop_scale_min": (0.01, 1.0),
+    "num_workers": (-1, 64),
+    "seed": (0, 2**31 - 1),
+    "checkpoint_every": (1, 10_000_000),
+    "log_every": (1, 10_000_000),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mask_token_lr": ("embed", "head"),
+    "fair_mode": ("auto", "batch", "moving_average"),
+    "align_target": ("cls", "nearest_k"),
+    "precision": ("auto", "bf16", "fp32"),
+    "export": ("teacher", "student"),
+}
+# Fields a job may not set: they are derived or bookkeeping.
+_NOT_OVERRIDABLE = {"notes", "input_size"}
+
+# The paper's per-dataset hyperparameters (Appendix; the reference code's train_configs.json).
+# mask_patch is given in model patches here (32 px = 2 ViT-B/16 patches) so it transfers to any patch size.
+_PAPER: dict[str, dict[str, dict[str, Any]]] = {
+    "imagenet": {
+        "B": dict(mask_patches=2, ema_init=0.999, ema_warmup=2000, mask_ratio=0.3, w_align=0.2, tau=0.7,
+                  base_lr=2e-5, epochs=30),
+        "L": dict(mask_patches=4, ema_init=0.999, ema_warmup=2000, mask_ratio=0.3, w_align=0.5, tau=0.5,
+                  base_lr=4e-5, epochs=20),
+    },
+    "sun397": {
+        "B": dict(mask_patches=2, ema_init=0.99, ema_warmup=500, mask_ratio=0.1, w_align=1.0, tau=0.4,
+                  base_lr=1e-4, epochs=20),
+        "L": dict(mask_patches=2, ema_init=0.99, ema_warmup=500, mask_ratio=0.2, w_align=0.5, tau=0.3,
+                  base_lr=2e-4, epochs=20),
+    },
+    "food101": {
+        "B": dict(mask_patches=2, ema_init=0.999, ema_warmup=2000, mask_ratio=0.1, w_align=0.1, tau=0.7,
+                  base_lr=2e-5, epochs=40),
+        "L": dict(mask_patches=4, ema_init=0.999, ema_warmup=2000, mask_ratio=0.1, w_align=0.1, tau=0.7,
+                  base_lr=4e-5, epochs=40),
+    },
+    "gtsrb": {
+        "B": dict(mask_patches=2, ema_init=0.99, ema_warmup=500, mask_ratio=0.5, w_align=0.5, tau=0.3,
+                  base_lr=2e-5, epochs=20),
+        "L": dict(mask_patches=4, ema_init=0.99, ema_warmup=500, mask_ratio=0.3, w_align=0.5, tau=0.2,
+                  base_lr=4e-5, epochs=20),
+    },
+    "dtd": {
+        "B": dict(mask_patches=2, ema_init=0.99, ema_warmup=100, mask_ratio=0.1, w_align=0.2, tau=0.4,
+                  base_lr=2e-5, epochs=60),
+        "L": dict(mask_patches=4, ema_init=0.99, ema_warmup=100, mask_ratio=0.1, w_align=0.5, tau=0.5,
+                  base_lr=4e-5, epochs=60),
+    },
+    "ucf101": {
+        "B": dict(mask_patches=1, ema_init=0.99, ema_warmup=500, mask_ratio=0.1, w_align=0.5, tau=0.5,
+                  base_lr=1e-5, epochs=60),
+        "L": dict(mask_patches=2, ema_init=0.99, ema_warmup=500, mask_ratio=0.1, w_align=0.5, tau=0.6,
+                  base_lr=2e-5, epochs=60),
+    },
+    "pets": {
+        "B": dict(mask_patches=2, ema_init=0.99, ema_warmup=100, mask_ratio=0.1, w_align=0.2, tau=0.7,
+                  base_lr=1e-5, epochs=60),
+    },
+    "caltech101": {
+        "B": dict(mask_patches=2, ema_init=0.99, ema_warmup=100, mask_ratio=0.1, w_align=0.2, tau=0.7,
+                  base_lr=1e-5, epochs=60),
+    },
+}
+PRESETS: tuple[str, ...] = ("auto", *_PAPER)
+PAPER_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What the config needs to know about the base model: its input size, patch size and family."""
+
+    image_size: int
+    patch_size: int
+    large: bool = False  # ViT-L-class models take the paper's ViT-L/14 column
+
+
+def _auto_values(num_images: int, num_classes: int, geometry: ModelGeometry) -> dict[str, Any]:
+    """Hyperparameters for an unknown domain, interpolated from the paper's table by dataset size."""
+    small, large_set = num_images < 10_000, num_images >= 200_000
+    return dict(
+        mask_patches=4 if geometry.large else 2,
+        ema_init=0.999 if large_set else 0.99,
+        ema_warmup=2000 if large_set else (100 if small else 500),
+        mask_ratio=0.3 if large_set else 0.1,
+        w_align=0.2,
+        tau=0.7 if large_set else 0.5,
+        base_lr=4e-5 if geometry.large else 2e-5,
+        epochs=30 if large_set else (60 if small else 20),
+    )
+
+
+def _fit_batch(batch_size: int, num_images: int) -> int:
+    """Largest power of two <= both the requested batch and the number of images."""
+    limit = min(batch_size, num_images)
+    return 1 << (limit.bit_length() - 1)
+
+
+def resolve_config(
+    preset: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    num_images: int,
+    num_classes: int,
+    geometry: ModelGeometry | None = None,
+) -> MustConfig:
+    """Preset + per-job overrides -> a validated MustConfig for this many images and classes."""
+    if preset not in PRESETS:
+        raise ConfigError(
+            f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", field="preset", code="unknown_preset"
+        )
+    if num_images < 1:
+        raise ConfigError("no images to adapt on", field="images", code="too_few_images")
+    if num_classes < 2:
+        raise ConfigError("at least two class names are needed", field="class_names", code="too_few_classes")
+    geometry = geometry or ModelGeometry(image_size=224, patch_size=16)
+    overrides = dict(overrides or {})
+    _check_override_types(overrides)
+
+    notes: list[str] = []
+    if preset == "auto":
+        values = _auto_values(num_images, num_classes, geometry)
+    else:
+        columns = _PAPER[preset]
+        column = "L" if geometry.large and "L" in columns else "B"
+        if geometry.large and column == "B":
+            notes.append(f"preset {preset!r} has no ViT-L/14 values in the paper; using its ViT-B/16 values")
+        values = dict(columns[column])
+    values["mask_patch"] = values.pop("mask_patches") * geometry.patch_size
+    values["input_size"] = geometry.image_size
+    values["templates"] = preset if preset != "auto" else "default"
+
+    batch_size = int(overrides.get("batch_size", PAPER_BATCH_SIZE))
+    if "batch_size" not in overrides:
+        fitted = _fit_batch(batch_size, num_images)
+        if fitted != batch_size:
+            notes.append(f"batch_size {batch_size} > {num_images} images; using {fitted}")
+        batch_size = fitted
+    values["batch_size"] = batch_size
+    if num_classes > batch_size and preset == "auto":
+        values["fair_mode"] = "moving_average"
+
+    values.update(overrides)
+    values["notes"] = tuple(notes)
+    config = MustConfig(**values)
+    _validate(config, num_images=num_images, geometry=geometry)
+    return config
+
+
+def _check_override_types(overrides: Mapping[str, Any]) -> None:
+    for key, value in overrides.items():
+        if key not in _FIELDS or key in _NOT_OVERRIDABLE:
+            raise ConfigError(
+                f"unknown config field {key!r}; valid fields: {', '.join(sorted(set(_FIELDS) - _NOT_OVERRIDABLE))}",
+                field=key,
+            )
+        default = _FIELDS[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ConfigError(
+                f"config field {key!r} must be {type(default).__name__}, got {value!r}", field=key
+            )
+
+
+def _validate(config: MustConfig, *, num_images: int, geometry: ModelGeometry) -> None:
+    for name, (low, high) in _RANGES.items():
+        value = getattr(config, name)
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}", field=name)
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}", field=name)
+    if config.ema_init > config.ema_final:
+        raise ConfigError("ema_init must not exceed ema_final", field="ema_init")
+    if config.batch_size > num_images:
+        raise ConfigError(
+            f"batch_size {config.batch_size} exceeds the number of images ({num_images})", field="batch_size"
+        )
+    if config.micro_batch_size and config.batch_size % config.micro_batch_size:
+        raise ConfigError("batch_size must be a multiple of micro_batch_size", field="micro_batch_size")
+    if config.input_size % geometry.patch_size:
+        raise ConfigError(
+            f"input_size must be a multiple of the model's patch size {geometry.patch_size}", field="input_size"
+        )
+    if config.mask_patch % geometry.patch_size or config.input_size % config.mask_patch:
+        raise ConfigError(
+            f"mask_patch must be a multiple of the patch size ({geometry.patch_size}) dividing input_size "
+            f"({config.input_size})",
+            field="mask_patch",
+        )
+    if config.min_lr > config.base_lr:
+        raise ConfigError("min_lr must not exceed base_lr", field="min_lr")
+    if config.templates not in TEMPLATE_SETS:
+        raise ConfigError(f"templates must be one of {', '.join(TEMPLATE_SETS)}", field="templates")

@@ -1,0 +1,90 @@
+"""Serving: classify images with an adapted artifact, or zero-shot with a base model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from must_engine.artifact import load_artifact, preprocess_metadata
+from must_engine.augment import eval_transform, to_batch
+from must_engine.models import ImageClassifier
+
+Prediction = list[tuple[str, float]]
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """An ImageClassifier with its class names and preprocessing; thread-compatible, inference only."""
+
+    def __init__(
+        self, classifier: ImageClassifier, class_names: Sequence[str], preprocess: dict[str, Any],
+        metadata: dict[str, Any], device: str = "auto", batch_size: int = 64,
+    ) -> None:
+        if classifier.num_classes != len(class_names):
+            raise ValueError(f"head has {classifier.num_classes} classes, metadata names {len(class_names)}")
+        self.device = _device(device)
+        self.classifier = classifier.eval().to(self.device)
+        self.class_names = list(class_names)
+        self.metadata = metadata
+        self.size = int(preprocess["size"])
+        self.transform = eval_transform(self.size, preprocess["mean"], preprocess["std"])
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, artifact_dir: Path, device: str = "auto") -> Predictor:
+        classifier, metadata = load_artifact(Path(artifact_dir))
+        return cls(classifier, metadata["class_names"], metadata["preprocess"], metadata, device)
+
+    @classmethod
+    def zero_shot(
+        cls, base_model: str, class_names: Sequence[str], pretrained: str | None = None,
+        device: str = "auto", templates: str = "default",
+    ) -> Predictor:
+        from must_engine.base_models import load_base_model
+        from must_engine.train import normalize_class_names
+        from must_engine.zeroshot import zero_shot_classifier
+
+        names = normalize_class_names(class_names)
+        base = load_base_model(base_model, pretrained)
+        classifier = zero_shot_classifier(base, names, templates)
+        size = base.model.visual.image_size[0]
+        metadata = {"base_model": base.spec.spec, "class_names": names, "zero_shot": True}
+        return cls(classifier, names, preprocess_metadata(base.preprocess_cfg, size), metadata, device)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return to_batch(images, self.transform)
+
+    @torch.inference_mode()
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed pixels -> (B, K) class probabilities, computed in batches."""
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        outputs = []
+        with autocast:
+            for start in range(0, len(pixels), self.batch_size):
+                chunk = pixels[start : start + self.batch_size].to(self.device, non_blocking=True)
+                outputs.append(self.classifier(chunk).float().softmax(dim=-1).cpu())
+        return torch.cat(outputs) if outputs else torch.empty(0, len(self.class_names))
+
+    def classify(self, images: Sequence[Image.Image], top_k: int = 5) -> list[Prediction]:
+        """Top-k (label, probability) per image, highest first."""
+        if not images:
+            return []
+        probs = self.probabilities(self.preprocess(images))
+        k = max(1, min(top_k, len(self.class_names)))
+        scores, indices = probs.topk(k, dim=-1)
+        return [
+            [(self.class_names[i], float(s)) for s, i in zip(row_scores, row_indices, strict=True)]
+            for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
+        ]

@@ -1,0 +1,323 @@
+"""MUST training, readable top to bottom: set up, loop over optimizer steps, export.
+
+One optimizer step = `batch_size` images, reached through `accumulation_steps` micro-batches. For each
+micro-batch the EMA teacher pseudo-labels the weak view, the student sees the masked strong view, and
+the four losses are summed. After the step the teacher moves towards the student.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from must_engine.artifact import build_classifier, preprocess_metadata, save_artifact
+from must_engine.base_models import DEFAULT_BASE_MODEL, geometry, load_base_model, parse_base_model
+from must_engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from must_engine.config import ConfigError, MustConfig, resolve_config
+from must_engine.data import ResumableSampler, TwoViewDataset, collect_images
+from must_engine.ema import EmaTeacher, ema_decay
+from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss
+from must_engine.masking import MaskGenerator
+from must_engine.models import MustModel
+from must_engine.optim import build_optimizer, build_scheduler
+from must_engine.zeroshot import zero_shot_classifier
+
+
+class AdaptCancelled(RuntimeError):
+    """should_stop() asked the run to end; the last checkpoint stays in work_dir."""
+
+
+class ResumeMismatchError(ValueError):
+    """work_dir holds a checkpoint of a different job."""
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 1.0
+
+
+@dataclass
+class AdaptResult:
+    artifact_dir: Path
+    metrics: dict[str, float]
+    steps: int
+    resumed_from_step: int | None
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available", field="device")
+    return torch.device(device)
+
+
+def normalize_class_names(class_names: Sequence[str]) -> list[str]:
+    names = [" ".join(str(name).split()) for name in class_names]
+    if any(not name for name in names):
+        raise ConfigError("class names must not be empty", field="class_names", code="invalid_class_names")
+    folded = [name.casefold() for name in names]
+    if len(set(folded)) != len(folded):
+        raise ConfigError("class names must be unique", field="class_names", code="invalid_class_names")
+    return names
+
+
+def adapt(
+    images: Path | Sequence[Path],
+    class_names: Sequence[str],
+    out_dir: Path,
+    *,
+    base_model: str = DEFAULT_BASE_MODEL,
+    pretrained: str | None = None,
+    config: MustConfig | None = None,
+    device: str = "auto",
+    work_dir: Path | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> AdaptResult:
+    """Adapt a CLIP zero-shot classifier to unlabeled images with MUST; write the artifact to out_dir."""
+    report = on_progress or (lambda _: None)
+    stop_requested = should_stop or (lambda: False)
+    target = pick_device(device)
+    class_names = normalize_class_names(class_names)
+    spec = parse_base_model(base_model, pretrained)
+    shape = geometry(spec)
+
+    with tempfile.TemporaryDirectory(prefix="must-images-") as scratch:
+        paths = collect_images(images if isinstance(images, Path | str) else list(images), Path(scratch))
+        config = config or resolve_config(
+            num_images=len(paths), num_classes=len(class_names), geometry=shape
+        )
+        checkpoint = load_checkpoint(work_dir)
+
+        # ---- model: zero-shot head from the text tower, or the checkpoint's weights ----------------
+        if checkpoint is not None:
+            _check_resume(checkpoint, class_names=class_names, base_model=spec.spec, num_images=len(paths))
+            config = MustConfig.from_dict(checkpoint["config"])
+            model_cfg, preprocess_cfg = checkpoint["model_cfg"], checkpoint["preprocess_cfg"]
+            classifier = build_classifier(model_cfg, len(class_names))
+        else:
+            base = load_base_model(spec.spec, device="cpu")
+            classifier = zero_shot_classifier(base, class_names, config.templates)
+            model_cfg, preprocess_cfg = base.model_cfg, base.preprocess_cfg
+            del base  # the text tower is not needed any more
+        student = MustModel(classifier).to(target)
+        teacher = EmaTeacher(student)
+        num_layers = len(classifier.visual.transformer.resblocks)
+
+        # ---- schedule ------------------------------------------------------------------------------
+        micro_batch = config.micro_batch_size or _default_micro_batch(config.batch_size, target)
+        accumulation = config.batch_size // micro_batch
+        steps_per_epoch = len(paths) // config.batch_size
+        total_steps = steps_per_epoch * config.epochs
+        optimizer = build_optimizer(student, config, num_layers, fused=target.type == "cuda")
+        scheduler = build_scheduler(optimizer, config, total_steps)
+        use_bf16 = target.type == "cuda" and config.precision in ("auto", "bf16")
+        autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        )
+        fair_moving = config.fair_mode == "moving_average" or (
+            config.fair_mode == "auto" and len(class_names) > micro_batch
+        )
+        fair_running: torch.Tensor | None = None
+        step = 0
+        resumed_from: int | None = None
+        if checkpoint is not None:
+            student.load_state_dict(checkpoint["student"])
+            teacher.module.load_state_dict(checkpoint["teacher"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            fair_running = checkpoint["fair_running"]
+            fair_running = fair_running.to(target) if fair_running is not None else None
+            restore_rng_state(checkpoint["rng"])
+            step = resumed_from = int(checkpoint["step"])
+            report(Progress(step, total_steps, step // steps_per_epoch, config.epochs,
+                            message=f"resumed from checkpoint at step {step}"))
+        else:
+            report(Progress(0, total_steps, 0, config.epochs, message=(
+                f"adapting {spec.spec} to {len(paths)} images, {len(class_names)} classes, "
+                f"{total_steps} steps of {config.batch_size} images on {target}"
+            )))
+        forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
+
+        # ---- data ----------------------------------------------------------------------------------
+        grid = shape.image_size // shape.patch_size
+        dataset = TwoViewDataset(
+            paths,
+            size=config.input_size,
+            mean=preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+            std=preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+            scale_min=config.crop_scale_min,
+            randaugment=config.randaugment,
+            mask_generator=(
+                MaskGenerator(config.input_size, config.mask_patch, shape.patch_size, config.mask_ratio)
+                if config.mim else None
+            ),
+            grid_size=grid,
+            seed=config.seed,
+        )
+        workers = config.num_workers if config.num_workers >= 0 else min(8, os.cpu_count() or 1)
+
+        def micro_batches(epoch: int, start_step: int) -> Iterator[list[torch.Tensor]]:
+            sampler = ResumableSampler(len(paths), seed=config.seed, epoch=epoch,
+                                       start=(start_step % steps_per_epoch) * config.batch_size)
+            loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                                num_workers=workers, pin_memory=target.type == "cuda")
+            for batch in loader:
+                yield [tensor.to(target, non_blocking=True) for tensor in batch]
+
+        # ---- training loop -------------------------------------------------------------------------
+        student.train()
+        meter = _Meter()
+        last_metrics: dict[str, float] = {}
+        tick = time.perf_counter()
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            batches = micro_batches(epoch, step)
+            for _ in range(steps_per_epoch - step % steps_per_epoch):
+                if stop_requested():
+                    raise AdaptCancelled(f"cancelled at step {step}")
+                decay = ema_decay(step, config.ema_init, config.ema_final, config.ema_warmup)
+                for _ in range(accumulation):
+                    weak, strong, mask = next(batches)
+                    with torch.no_grad(), autocast():
+                        teacher_probs = F.softmax(teacher.module(weak).float(), dim=-1)
+                    with autocast():
+                        if config.mim:
+                            out = forward_masked(strong, mask)
+                            logits = out.logits
+                        else:
+                            logits = student(strong)
+                        loss_st, confident = self_training_loss(logits, teacher_probs, config.tau)
+                        probs = F.softmax(logits.float(), dim=-1)
+                        loss_fair, fair_running = fairness_loss(
+                            probs.mean(dim=0), fair_running if fair_moving else None,
+                            config.fair_momentum if fair_moving else 0.0,
+                        )
+                        loss = loss_st + config.w_fair * loss_fair
+                        parts = {"loss_st": loss_st, "loss_fair": loss_fair}
+                        if config.mim:
+                            parts["loss_mim"] = mim_loss(out.reconstruction, strong, mask, student.patch_size)
+                            loss = loss + config.w_mim * parts["loss_mim"]
+                            if config.w_align > 0:
+                                parts["loss_align"] = align_loss(
+                                    out.cls_embedding, out.patch_embeddings, mask,
+                                    target=config.align_target, k=config.align_k,
+                                )
+                                loss = loss + config.w_align * parts["loss_align"]
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss at step {step}: {parts}")
+                    (loss / accumulation).backward()
+                    meter.add_micro_batch(parts, loss, teacher_probs, probs, confident, config.tau)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                teacher.update(decay)
+                step += 1
+                meter.images += config.batch_size
+
+                if step % config.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - tick
+                    metrics = meter.summary(elapsed, lr=optimizer.param_groups[-1]["lr"], ema_decay=decay)
+                    report(Progress(step, total_steps, step // steps_per_epoch, config.epochs, metrics))
+                    meter, tick = _Meter(), time.perf_counter()
+                    last_metrics = metrics
+                if work_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps):
+                    path = save_checkpoint(work_dir, {
+                        "step": step, "config": config.to_dict(), "class_names": class_names,
+                        "base_model": spec.spec, "num_images": len(paths), "model_cfg": model_cfg,
+                        "preprocess_cfg": preprocess_cfg, "student": student.state_dict(),
+                        "teacher": teacher.module.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": None,  # bf16 needs no loss scaling
+                        "fair_running": fair_running, "rng": rng_state(),
+                    })
+                    if on_checkpoint is not None:
+                        on_checkpoint(path)
+
+    # ---- export ------------------------------------------------------------------------------------
+    exported = teacher.module if config.export == "teacher" else student
+    final_metrics = last_metrics
+    artifact = save_artifact(
+        Path(out_dir), exported.classifier, class_names=class_names, base_model=spec.spec,
+        model_cfg=model_cfg, preprocess=preprocess_metadata(preprocess_cfg, config.input_size),
+        config=config.to_dict(), metrics={**final_metrics, "steps": step}, exported=config.export,
+    )
+    report(Progress(step, total_steps, config.epochs, config.epochs, final_metrics, message="artifact written"))
+    return AdaptResult(artifact, final_metrics, step, resumed_from)
+
+
+def _default_micro_batch(batch_size: int, device: torch.device) -> int:
+    """Largest divisor of batch_size up to a device-sized cap (memory, not the method, sets it)."""
+    cap = 256 if device.type == "cuda" else 64
+    return max(d for d in range(1, min(batch_size, cap) + 1) if batch_size % d == 0)
+
+
+def _check_resume(checkpoint: dict, *, class_names: list[str], base_model: str, num_images: int) -> None:
+    expected = {"class_names": class_names, "base_model": base_model, "num_images": num_images}
+    for key, value in expected.items():
+        if checkpoint.get(key) != value:
+            raise ResumeMismatchError(
+                f"the checkpoint in the work directory belongs to another job ({key} differs); "
+                "use a fresh work directory"
+            )
+
+
+class _Meter:
+    """Label-free training signals averaged over the micro-batches since the last report."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.images = 0
+        self.histogram: torch.Tensor | None = None
+
+    def add_micro_batch(
+        self, parts: dict[str, torch.Tensor], loss: torch.Tensor, teacher_probs: torch.Tensor,
+        student_probs: torch.Tensor, confident: torch.Tensor, tau: float,
+    ) -> None:
+        confidence, pseudo = teacher_probs.max(dim=-1)
+        values = {name: float(value.detach()) for name, value in parts.items()}
+        values["loss"] = float(loss.detach())
+        values["teacher_confidence"] = float(confidence.mean())
+        values["above_tau"] = float(confident.float().mean())
+        values["agreement"] = float((student_probs.argmax(dim=-1) == pseudo).float().mean())
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        counts = torch.bincount(pseudo[confident].cpu(), minlength=teacher_probs.shape[-1]).float()
+        self.histogram = counts if self.histogram is None else self.histogram + counts
+        self.count += 1
+
+    def summary(self, elapsed: float, **extra: float) -> dict[str, float]:
+        metrics = {name: total / max(1, self.count) for name, total in self.sums.items()}
+        if self.histogram is not None and self.histogram.sum() > 0:
+            p = self.histogram / self.histogram.sum()
+            entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+            metrics["pseudo_label_entropy"] = entropy / math.log(len(p))  # 1.0 = perfectly balanced
+        metrics["images_per_s"] = self.images / elapsed if elapsed > 0 else 0.0
+        metrics.update(extra)
+        return metrics
+
+
+def clear_work_dir(work_dir: Path) -> None:
+    shutil.rmtree(work_dir, ignore_errors=True)
