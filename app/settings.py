@@ -1,0 +1,153 @@
+"""Service settings, read from `MUST_*` environment variables.
+
+Every default is the embedded mode: state under `./var` (or `MUST_DATA_DIR`), SQLite, a local object-store
+directory and a file-system Celery transport, so `must serve` needs no external server. Setting
+`MUST_DATABASE_URL`, `MUST_BROKER_URL` or `MUST_S3_ENDPOINT` switches that part to PostgreSQL, Redis or
+MinIO/S3. Bad values fail at start-up, not on the first request.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DATABASE_SCHEMES = ("sqlite", "postgresql")
+BROKER_SCHEMES = ("filesystem", "redis", "rediss", "amqp", "pyamqp", "sqla+sqlite", "sqla+postgresql")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MUST_", extra="ignore", validate_default=True)
+
+    # Where the embedded defaults keep their state; made absolute at load time so a subprocess started
+    # from another directory (the embedded worker) reaches the same files.
+    data_dir: Path = Path("var")
+    database_url: str = ""
+    broker_url: str = ""
+    training_queue: str = "training"
+
+    # Object store: empty endpoint = a local directory under data_dir.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_bucket: str = "must"
+    s3_region: str = "us-east-1"
+    s3_secure: bool = False
+    # Buckets a team may name in `source: {bucket, prefix}`; the service's own bucket is never one of them.
+    source_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    device: str = "auto"
+    log_level: str = "INFO"
+
+    # Request limits.
+    max_upload_bytes: int = Field(default=2048 * MiB, gt=0)
+    max_classify_bytes: int = Field(default=32 * MiB, gt=0)
+    max_json_bytes: int = Field(default=4 * MiB, gt=0)
+    min_images: int = Field(default=16, ge=1)
+    max_images: int = Field(default=50_000, ge=1)
+    max_class_names: int = Field(default=1000, ge=2)
+    max_class_name_length: int = Field(default=200, ge=1)
+    max_metadata_bytes: int = Field(default=16 * 1024, gt=0)
+    max_classify_images: int = Field(default=64, ge=1)
+    max_top_k: int = Field(default=100, ge=1)
+    max_page_size: int = Field(default=100, ge=1)
+
+    # Per-team limits.
+    max_active_jobs_per_team: int = Field(default=4, ge=1)
+    classify_requests_per_second: float = Field(default=20.0, gt=0)
+    classify_burst: int = Field(default=40, ge=1)
+
+    # Serving.
+    predictor_cache_size: int = Field(default=4, ge=1)
+    classify_batch_images: int = Field(default=64, ge=1)
+    classify_batch_wait_ms: float = Field(default=5.0, ge=0)
+
+    # Job leases: a worker owns a job while its lease is fresh; the sweeper re-enqueues jobs whose lease
+    # expired (lost worker) or whose queue message may have been lost (broker restart).
+    lease_seconds: float = Field(default=60.0, gt=0)
+    cancel_poll_seconds: float = Field(default=1.0, gt=0)
+    sweep_interval_seconds: float = Field(default=15.0, gt=0)
+    requeue_after_seconds: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    # Longer than any job, so the broker never redelivers a message whose worker is still training.
+    broker_visibility_timeout_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+
+    @field_validator("source_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value.split(":")[0] not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (optionally cuda:N)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> Self:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'must.db'}"
+        if self.database_url.split(":")[0].split("+")[0] not in DATABASE_SCHEMES:
+            raise ValueError(f"database_url must start with one of {', '.join(DATABASE_SCHEMES)}")
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.broker_url.split("://")[0] not in BROKER_SCHEMES:
+            raise ValueError(f"broker_url must start with one of {', '.join(s + '://' for s in BROKER_SCHEMES)}")
+        if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key.get_secret_value()):
+            raise ValueError("s3_endpoint needs s3_access_key and s3_secret_key")
+        if self.s3_bucket in self.source_buckets:
+            raise ValueError("the service bucket cannot be a source bucket (it holds every team's data)")
+        if self.min_images > self.max_images:
+            raise ValueError("min_images must not exceed max_images")
+        return self
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def uses_s3(self) -> bool:
+        return bool(self.s3_endpoint)
+
+    @property
+    def objects_dir(self) -> Path:
+        """Root of the local object store (one sub-directory per bucket)."""
+        return self.data_dir / "objects"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Message folders of the file-system broker transport."""
+        return self.data_dir / "broker"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local copies of model artifacts loaded by the predictor cache."""
+        return self.data_dir / "cache"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Uploads in flight, before validation; emptied by each request and at start-up."""
+        return self.data_dir / "staging"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (tests build their own `Settings`)."""
+    return Settings()
