@@ -51,9 +51,7 @@ class LoadedBaseModel:
 
 
 def list_base_models() -> list[str]:
-    shipped = sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "open_clip_config.json").is_file())
-    tagged = [f"{arch}:{tag}" for arch, tag in open_clip.list_pretrained()]
-    return shipped + tagged
+    return _shipped_names() + [f"{arch}:{tag}" for arch, tag in open_clip.list_pretrained()]
 
 
 def parse_base_model(spec: str, pretrained: str | None = None) -> BaseModelSpec:
@@ -127,7 +125,9 @@ def geometry(spec: BaseModelSpec) -> ModelGeometry:
 
 
 def _shipped_names() -> list[str]:
-    return [p.name for p in SHIPPED_DIR.iterdir() if (p / "open_clip_config.json").is_file()]
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "open_clip_config.json").is_file())
 
 
 def _ensure_weights_reachable(spec: BaseModelSpec) -> None:

@@ -1,0 +1,72 @@
+"""Presets, auto values and override validation."""
+
+import pytest
+
+from must_engine.config import PRESETS, ConfigError, ModelGeometry, MustConfig, resolve_config
+
+B16 = ModelGeometry(image_size=224, patch_size=16)
+L14 = ModelGeometry(image_size=224, patch_size=14, large=True)
+
+
+def test_paper_presets_for_vit_b16_and_l14() -> None:
+    gtsrb = resolve_config("gtsrb", num_images=26_640, num_classes=43, geometry=B16)
+    assert (gtsrb.tau, gtsrb.mask_ratio, gtsrb.w_align, gtsrb.base_lr, gtsrb.epochs) == (0.3, 0.5, 0.5, 2e-5, 20)
+    assert gtsrb.mask_patch == 32 and gtsrb.batch_size == 1024
+    assert gtsrb.lr == pytest.approx(2e-5 * 4)
+    imagenet_l = resolve_config("imagenet", num_images=1_281_167, num_classes=1000, geometry=L14)
+    assert (imagenet_l.tau, imagenet_l.w_align, imagenet_l.base_lr, imagenet_l.mask_patch) == (0.5, 0.5, 4e-5, 56)
+    assert imagenet_l.templates == "imagenet"
+
+
+def test_every_preset_resolves_for_both_families() -> None:
+    for preset in PRESETS:
+        for geometry in (B16, L14):
+            config = resolve_config(preset, num_images=5000, num_classes=20, geometry=geometry)
+            assert config.mask_patch % geometry.patch_size == 0
+
+
+def test_auto_shrinks_the_batch_to_the_data_and_says_so() -> None:
+    config = resolve_config(num_images=300, num_classes=10, geometry=B16)
+    assert config.batch_size == 256
+    assert any("batch_size" in note for note in config.notes)
+
+
+def test_auto_uses_the_moving_average_when_classes_outnumber_the_batch() -> None:
+    config = resolve_config(num_images=100, num_classes=200, geometry=B16)
+    assert config.fair_mode == "moving_average"
+
+
+def test_overrides_win_and_round_trip_through_dicts() -> None:
+    config = resolve_config("dtd", {"tau": 0.8, "epochs": 3}, num_images=4000, num_classes=47, geometry=B16)
+    assert (config.tau, config.epochs) == (0.8, 3)
+    assert MustConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"nonsense": 1}, "nonsense"),
+        ({"tau": 1.5}, "tau"),
+        ({"tau": "high"}, "tau"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"epochs": True}, "epochs"),
+        ({"mask_patch": 24}, "mask_patch"),
+        ({"batch_size": 5000}, "batch_size"),
+        ({"ema_init": 0.9999}, "ema_init"),
+        ({"fair_mode": "sometimes"}, "fair_mode"),
+        ({"templates": "klingon"}, "templates"),
+        ({"input_size": 448}, "input_size"),
+        ({"batch_size": 64, "micro_batch_size": 48}, "micro_batch_size"),
+    ],
+)
+def test_bad_overrides_name_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve_config(overrides=overrides, num_images=4000, num_classes=10, geometry=B16)
+    assert error.value.field == field
+    assert error.value.code == "invalid_config"
+
+
+def test_unknown_preset_has_its_own_code() -> None:
+    with pytest.raises(ConfigError) as error:
+        resolve_config("mnist", num_images=100, num_classes=10)
+    assert error.value.code == "unknown_preset"
