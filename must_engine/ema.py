@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def ema_decay(step: int, init: float, final: float, warmup: int) -> float:
@@ -15,9 +18,9 @@ def ema_decay(step: int, init: float, final: float, warmup: int) -> float:
     return init + (final - init) * min(1.0, step / warmup)
 
 
-class EmaTeacher:
-    def __init__(self, student: nn.Module) -> None:
-        self.module = copy.deepcopy(student).eval()
+class EmaTeacher(Generic[ModuleT]):
+    def __init__(self, student: ModuleT) -> None:
+        self.module: ModuleT = copy.deepcopy(student).eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
         self._pairs = [
