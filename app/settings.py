@@ -51,12 +51,13 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(default=4 * MiB, gt=0)
     min_images: int = Field(default=16, ge=1)
     max_images: int = Field(default=50_000, ge=1)
+    # Uncompressed size of an uploaded or source zip (its ratio is capped by the engine as well).
+    max_extracted_bytes: int = Field(default=20 * 1024 * MiB, gt=0)
     max_class_names: int = Field(default=1000, ge=2)
     max_class_name_length: int = Field(default=200, ge=1)
     max_metadata_bytes: int = Field(default=16 * 1024, gt=0)
     max_classify_images: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)
-    max_page_size: int = Field(default=100, ge=1)
 
     # Per-team limits.
     max_active_jobs_per_team: int = Field(default=4, ge=1)

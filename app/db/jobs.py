@@ -119,9 +119,11 @@ def finish_leased(
     message: str,
     *,
     require_no_cancel: bool = False,
+    error_code: str | None = None,
+    error_message: str | None = None,
     **values: Any,
 ) -> bool:
-    """Move a job we hold to a final status, with its status event, in the caller's transaction."""
+    """Move a job we hold to a final status, with its events, in the caller's transaction."""
     conditions = [
         Adaptation.id == adaptation_id,
         Adaptation.lease_owner == owner,
@@ -133,11 +135,31 @@ def finish_leased(
         session,
         update(Adaptation)
         .where(*conditions)
-        .values(status=status, finished_at=utcnow(), lease_expires_at=None, **values),
+        .values(
+            status=status,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            error_code=error_code,
+            error_message=error_message,
+            **values,
+        ),
     )
     if changed:
-        add_status_event(session, adaptation_id, status, message)
+        _record_final(session, adaptation_id, status, message, error_code, error_message)
     return changed == 1
+
+
+def _record_final(
+    session: Session,
+    adaptation_id: str,
+    status: AdaptationStatus,
+    message: str,
+    error_code: str | None,
+    error_message: str | None,
+) -> None:
+    if error_code is not None:
+        add_event(session, adaptation_id, EventType.ERROR, error_message, {"code": error_code})
+    add_status_event(session, adaptation_id, status, message)
 
 
 def succeed_leased(session: Session, adaptation_id: str, owner: str, model: Model) -> bool:
@@ -235,10 +257,12 @@ def sweep(session: Session, *, max_attempts: int, requeue_after_seconds: float, 
             update(Adaptation)
             .where(still_stranded)
             .values(
-                status=final, finished_at=now, lease_expires_at=None, error_code=code, error_message=message
+                status=final,
+                finished_at=now,
+                lease_expires_at=None,
+                error_code=code,
+                error_message=message if code else None,
             ),
         ):
-            if code:
-                add_event(session, adaptation_id, EventType.ERROR, message, {"code": code})
-            add_status_event(session, adaptation_id, final, message)
+            _record_final(session, adaptation_id, final, message, code, message if code else None)
     return to_enqueue

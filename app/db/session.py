@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
@@ -19,9 +21,7 @@ from app.settings import Settings
 def create_db_engine(settings: Settings) -> Engine:
     if settings.uses_sqlite:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            settings.database_url, connect_args={"check_same_thread": False, "timeout": 30}
-        )
+        engine = create_engine(settings.database_url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
     return create_engine(
@@ -40,6 +40,13 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """Connection loss, not a bad statement: the same work may succeed once the database is back."""
+    return isinstance(exc, OperationalError | InterfaceError | SQLAlchemyTimeoutError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
 def create_session_factory(engine: Engine) -> sessionmaker[Session]:

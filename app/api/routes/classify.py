@@ -1,0 +1,206 @@
+"""Classification: with an adapted model (`/models/{id}/classify`) or zero-shot (`/classify`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from PIL.Image import Image
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import CurrentTeam, ServicesDep, SessionDep
+from app.api.routes.models import owned_model
+from app.errors import ApiError
+from app.predictors import BatchingPredictor
+from app.schemas import ClassifyImages, ClassifyResponse, ImageResult, Prediction, ZeroShotClassify
+from app.settings import Settings
+from app.uploads import MultipartForm, media_type, read_json, read_multipart
+from app.validation import InputError, check_base_model_spec, class_names_from_form, normalize_class_names
+from must_engine import DEFAULT_BASE_MODEL, BaseModelError, ImageError, open_image
+
+router = APIRouter(tags=["classify"])
+
+
+def _request_body(json_model: str, extra_fields: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["images", *required],
+                        "properties": {
+                            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "top_k": {"type": "integer", "default": 5},
+                            **extra_fields,
+                        },
+                    }
+                },
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model}"}},
+            },
+        }
+    }
+
+
+@dataclass
+class ClassifyInput:
+    images: list[Image]
+    filenames: list[str | None]
+    top_k: int
+    class_names: list[str] | None  # zero-shot only
+    base_model: str | None
+
+
+async def _read_input(
+    request: Request, settings: Settings, json_model: type[ClassifyImages] | type[ZeroShotClassify]
+) -> ClassifyInput:
+    """Parse either body form; names are checked before any image is decoded."""
+    zero_shot = json_model is ZeroShotClassify
+    kind = media_type(request)
+    if kind == "application/json":
+        body, _ = await read_json(request, json_model, settings.max_classify_bytes)
+        sources: list[tuple[bytes | Path, str | None]] = [
+            (_decode_base64(text, index), None) for index, text in enumerate(body.images)
+        ]
+        if isinstance(body, ZeroShotClassify):
+            return await _decode(
+                sources,
+                body.top_k,
+                normalize_class_names(body.class_names, settings),
+                _base_model(body.base_model),
+                settings,
+            )
+        return await _decode(sources, body.top_k, None, None, settings)
+    if kind != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
+    settings.staging_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="classify-", dir=settings.staging_dir))
+    try:
+        form = await read_multipart(request, staging, max_files=settings.max_classify_images)
+        unknown = sorted((set(form.fields) | {upload.field for upload in form.files}) - set(json_model.model_fields))
+        if unknown:
+            raise InputError("unknown_field", f"unknown field {unknown[0]!r}", unknown[0])
+        names = class_names_from_form(form.values("class_names"), settings) if zero_shot else None
+        base_model = _base_model(form.value("base_model")) if zero_shot else None
+        return await _decode(
+            [(upload.path, upload.filename) for upload in form.files_of("images")],
+            _form_top_k(form),
+            names,
+            base_model,
+            settings,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _base_model(spec: str | None) -> str:
+    return check_base_model_spec(spec or DEFAULT_BASE_MODEL)
+
+
+def _form_top_k(form: MultipartForm) -> int:
+    text = form.value("top_k")
+    if text is None:
+        return 5
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise InputError("invalid_request", "top_k must be an integer", "top_k") from exc
+
+
+def _decode_base64(text: str, index: int) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError("invalid_base64", f"image {index} is not valid base64", f"images.{index}") from exc
+
+
+async def _decode(
+    sources: list[tuple[bytes | Path, str | None]],
+    top_k: int,
+    class_names: list[str] | None,
+    base_model: str | None,
+    settings: Settings,
+) -> ClassifyInput:
+    if not sources:
+        raise InputError("missing_field", "images is required", "images")
+    if len(sources) > settings.max_classify_images:
+        raise InputError("too_many_images", f"at most {settings.max_classify_images} images per request", "images")
+    if not 1 <= top_k <= settings.max_top_k:
+        raise InputError("invalid_request", f"top_k must be between 1 and {settings.max_top_k}", "top_k")
+
+    def decode_all() -> list[Image]:
+        images = []
+        for index, (source, name) in enumerate(sources):
+            try:
+                images.append(open_image(source, filename=name))
+            except ImageError as exc:
+                raise InputError(exc.code, str(exc), f"images.{index}") from exc
+        return images
+
+    images = await run_in_threadpool(decode_all)
+    return ClassifyInput(images, [name for _, name in sources], top_k, class_names, base_model)
+
+
+async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[ImageResult]:
+    predictions = await asyncio.wrap_future(predictor.submit(batch.images, batch.top_k))
+    return [
+        ImageResult(
+            index=index,
+            filename=batch.filenames[index],
+            predictions=[Prediction(label=label, score=score) for label, score in rows],
+        )
+        for index, rows in enumerate(predictions)
+    ]
+
+
+@router.post(
+    "/models/{model_id}/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=_request_body("ClassifyImages", {}, ()),
+)
+async def classify_with_model(
+    request: Request, session: SessionDep, team: CurrentTeam, services: ServicesDep, model_id: str
+) -> ClassifyResponse:
+    """Top-k labels from an adapted model of the team."""
+    services.classify_limiter.check(team.id)
+    row = await run_in_threadpool(owned_model, session, team, model_id)
+    batch = await _read_input(request, services.settings, ClassifyImages)
+    predictor = await run_in_threadpool(services.predictors.for_model, row.id, row.artifact_prefix)
+    results = await _predict(predictor, batch)
+    services.metrics.classified_images.labels("adapted").inc(len(results))
+    return ClassifyResponse(model_id=row.id, base_model=row.base_model, results=results)
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=_request_body(
+        "ZeroShotClassify",
+        {
+            "class_names": {"type": "array", "items": {"type": "string"}},
+            "base_model": {"type": "string"},
+        },
+        ("class_names",),
+    ),
+)
+async def classify_zero_shot(request: Request, team: CurrentTeam, services: ServicesDep) -> ClassifyResponse:
+    """Top-k labels from a base model's zero-shot head: the baseline an adapted model is compared with."""
+    services.classify_limiter.check(team.id)
+    batch = await _read_input(request, services.settings, ZeroShotClassify)
+    assert batch.class_names is not None and batch.base_model is not None
+    base_model = batch.base_model
+    try:
+        predictor = await run_in_threadpool(services.predictors.zero_shot, base_model, batch.class_names)
+    except BaseModelError as exc:
+        raise InputError(exc.code, str(exc), "base_model") from exc
+    results = await _predict(predictor, batch)
+    services.metrics.classified_images.labels("zero_shot").inc(len(results))
+    return ClassifyResponse(model_id=None, base_model=base_model, results=results)

@@ -1,0 +1,176 @@
+"""Serving-side model cache: a bounded LRU of loaded predictors, each with a micro-batcher.
+
+Adapted models are downloaded from the object store once and kept loaded (on the GPU when there is
+one); zero-shot predictors are cached by (base model, class names). Concurrent classify requests for
+the same model are merged into one forward pass by the predictor's batcher thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL.Image import Image
+
+from app.storage import ObjectStore, download_prefix
+from must_engine import Predictor
+
+log = logging.getLogger(__name__)
+
+Predictions = list[list[tuple[str, float]]]
+
+
+@dataclass
+class _Request:
+    images: Sequence[Image]
+    top_k: int
+    future: Future[Predictions] = field(default_factory=Future)
+
+
+class BatchingPredictor:
+    """Runs one predictor on a daemon thread, merging queued requests into batches.
+
+    Waiting `wait_seconds` after the first request lets concurrent requests join its forward pass;
+    results are computed at the largest requested k and cut back per request.
+    """
+
+    def __init__(self, predictor: Predictor, *, max_batch_images: int, wait_seconds: float) -> None:
+        self.predictor = predictor
+        self.max_batch_images = max_batch_images
+        self.wait_seconds = wait_seconds
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name="predictor-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.predictor.class_names
+
+    def submit(self, images: Sequence[Image], top_k: int) -> Future[Predictions]:
+        request = _Request(images, top_k)
+        self._queue.put(request)
+        return request.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _serve(self) -> None:
+        while (first := self._queue.get()) is not None:
+            batch = [first]
+            size = len(first.images)
+            stop = False
+            while size < self.max_batch_images:
+                try:
+                    request = self._queue.get(timeout=self.wait_seconds)
+                except queue.Empty:
+                    break
+                if request is None:
+                    stop = True
+                    break
+                batch.append(request)
+                size += len(request.images)
+            self._run(batch)
+            if stop:
+                return
+
+    def _run(self, batch: list[_Request]) -> None:
+        images = [image for request in batch for image in request.images]
+        try:
+            predictions = self.predictor.classify(images, top_k=max(request.top_k for request in batch))
+        except Exception as exc:
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        start = 0
+        for request in batch:
+            rows = predictions[start : start + len(request.images)]
+            request.future.set_result([row[: request.top_k] for row in rows])
+            start += len(request.images)
+
+
+class PredictorCache:
+    """At most `capacity` loaded predictors; the least recently used is closed when one more is needed."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache_dir: Path,
+        *,
+        capacity: int,
+        device: str,
+        max_batch_images: int,
+        wait_seconds: float,
+    ) -> None:
+        self.store = store
+        self.cache_dir = cache_dir
+        self.capacity = capacity
+        self.device = device
+        self.max_batch_images = max_batch_images
+        self.wait_seconds = wait_seconds
+        self._entries: OrderedDict[str, BatchingPredictor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    @property
+    def size(self) -> int:
+        return len(self._entries)
+
+    def for_model(self, model_id: str, artifact_prefix: str) -> BatchingPredictor:
+        return self._get(f"model:{model_id}", lambda: self._load_artifact(artifact_prefix))
+
+    def zero_shot(self, base_model: str, class_names: list[str]) -> BatchingPredictor:
+        digest = hashlib.sha256(json.dumps([base_model, class_names]).encode()).hexdigest()
+        return self._get(
+            f"zero-shot:{digest}",
+            lambda: Predictor.zero_shot(base_model, class_names, device=self.device),
+        )
+
+    def evict_model(self, model_id: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(f"model:{model_id}", None)
+        if entry is not None:
+            entry.close()
+
+    def clear(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for entry in entries:
+            entry.close()
+
+    def _get(self, key: str, load: Callable[[], Predictor]) -> BatchingPredictor:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one load per key, however many requests wait for it
+            with self._lock:
+                if key in self._entries:
+                    return self._entries[key]
+            entry = BatchingPredictor(load(), max_batch_images=self.max_batch_images, wait_seconds=self.wait_seconds)
+            with self._lock:
+                self._entries[key] = entry
+                self._loading.pop(key, None)
+                evicted = []
+                while len(self._entries) > self.capacity:
+                    evicted.append(self._entries.popitem(last=False)[1])
+        for old in evicted:
+            old.close()
+        return entry
+
+    def _load_artifact(self, artifact_prefix: str) -> Predictor:
+        """Download the artifact, load it, and drop the files (the weights now live in memory)."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="model-", dir=self.cache_dir) as directory:
+            download_prefix(self.store, artifact_prefix, Path(directory))
+            return Predictor.load(Path(directory), device=self.device)

@@ -1,0 +1,207 @@
+"""Streaming request bodies: multipart files go straight to a staging directory, never into memory.
+
+Starlette's own form parser keeps files under 1 MiB in memory, so thousands of small images would pile
+up in RAM; this parser writes every file part to disk as its bytes arrive and hashes it on the way (the
+hashes identify the request for `Idempotency-Key`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.errors import ApiError, bad_request
+
+MAX_FIELD_BYTES = 1024 * 1024
+MAX_FIELDS = 10_000
+_SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,8}$")
+
+
+@dataclass
+class UploadedFile:
+    field: str
+    filename: str  # the client's name, for display only; never part of a path or key
+    path: Path
+    size: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class MultipartForm:
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    files: list[UploadedFile] = field(default_factory=list)
+
+    def values(self, name: str) -> list[str]:
+        return self.fields.get(name, [])
+
+    def value(self, name: str) -> str | None:
+        """The single value of a field; a field sent twice is ambiguous and rejected."""
+        values = self.values(name)
+        if len(values) > 1:
+            raise bad_request("invalid_request", f"field {name!r} was sent more than once", name)
+        return values[0] if values else None
+
+    def files_of(self, name: str) -> list[UploadedFile]:
+        return [upload for upload in self.files if upload.field == name]
+
+    def fingerprint(self) -> str:
+        """A hash of what was sent (fields and file contents), independent of the multipart boundary."""
+        canonical = {
+            "fields": sorted((name, values) for name, values in self.fields.items()),
+            "files": [(upload.field, upload.filename, upload.sha256) for upload in self.files],
+        }
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def display_name(filename: str) -> str:
+    """The last path segment of a client filename (some clients send folders)."""
+    return PurePosixPath(filename.replace("\\", "/")).name or "upload"
+
+
+def _staging_name(index: int, filename: str) -> str:
+    suffix = PurePosixPath(display_name(filename)).suffix.lower()
+    return f"{index:06d}{suffix if _SAFE_SUFFIX.match(suffix) else ''}"
+
+
+class _StreamingParser:
+    """python-multipart callbacks that route field parts to memory and file parts to disk."""
+
+    def __init__(self, directory: Path, max_files: int) -> None:
+        self.directory = directory
+        self.max_files = max_files
+        self.form = MultipartForm()
+        self._headers: dict[bytes, bytes] = {}
+        self._header_name = b""
+        self._header_value = b""
+        self._field_name = ""
+        self._field_data = bytearray()
+        self._file: UploadedFile | None = None
+        self._sink: IO[bytes] | None = None
+        self._hash: Any = None
+        self._field_count = 0
+
+    def on_part_begin(self) -> None:
+        self._headers = {}
+        self._field_data = bytearray()
+        self._file = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._header_name.lower()] = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if b"name" not in options:
+            raise bad_request("invalid_multipart", "a multipart part has no field name")
+        self._field_name = options[b"name"].decode("utf-8", "replace")
+        if b"filename" not in options:
+            self._field_count += 1
+            if self._field_count > MAX_FIELDS:
+                raise bad_request("invalid_multipart", f"more than {MAX_FIELDS} form fields")
+            return
+        if len(self.form.files) >= self.max_files:
+            raise bad_request(
+                "too_many_images", f"a request may carry at most {self.max_files} files", self._field_name
+            )
+        filename = options[b"filename"].decode("utf-8", "replace")
+        path = self.directory / _staging_name(len(self.form.files), filename)
+        self._file = UploadedFile(self._field_name, display_name(filename), path)
+        self._sink = path.open("wb")
+        self._hash = hashlib.sha256()
+        self.form.files.append(self._file)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._file is None:
+            if len(self._field_data) + len(chunk) > MAX_FIELD_BYTES:
+                raise ApiError(413, "request_too_large", f"field {self._field_name!r} exceeds 1 MiB", self._field_name)
+            self._field_data.extend(chunk)
+            return
+        assert self._sink is not None
+        self._sink.write(chunk)
+        self._hash.update(chunk)
+        self._file.size += len(chunk)
+
+    def on_part_end(self) -> None:
+        if self._file is None:
+            text = self._field_data.decode("utf-8", "replace")
+            self.form.fields.setdefault(self._field_name, []).append(text)
+            return
+        self.close_file()
+
+    def close_file(self) -> None:
+        if self._file is not None and self._sink is not None:
+            self._sink.close()
+            self._file.sha256 = self._hash.hexdigest()
+            self._sink = None
+
+
+async def read_multipart(request: Request, directory: Path, *, max_files: int) -> MultipartForm:
+    """Parse a multipart body, streaming file parts into `directory` (which the caller cleans up)."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise bad_request("invalid_multipart", "multipart body without a boundary")
+    parser = _StreamingParser(directory, max_files)
+    callbacks: Any = {
+        name: getattr(parser, name)
+        for name in (
+            "on_part_begin",
+            "on_header_field",
+            "on_header_value",
+            "on_header_end",
+            "on_headers_finished",
+            "on_part_data",
+            "on_part_end",
+        )
+    }
+    multipart = MultipartParser(boundary, callbacks)
+    try:
+        async for chunk in request.stream():
+            multipart.write(chunk)
+        multipart.finalize()
+    except FormParserError as exc:
+        raise bad_request("invalid_multipart", f"malformed multipart body: {exc}") from exc
+    finally:
+        parser.close_file()
+    return parser.form
+
+
+async def read_json(request: Request, model: type[BaseModel], max_bytes: int) -> tuple[Any, str]:
+    """Parse and validate a JSON body; returns the model and a hash of its canonical form."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > max_bytes:
+            raise ApiError(413, "request_too_large", f"JSON bodies are limited to {max_bytes} bytes")
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request("malformed_json", f"the request body is not valid JSON: {exc}") from exc
+    try:
+        parsed = model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise bad_request("invalid_request", f"{param}: {first['msg']}" if param else first["msg"], param) from exc
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    return parsed, digest

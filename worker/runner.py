@@ -1,0 +1,348 @@
+"""Running one adaptation job: lease the row, fetch and validate images, train, store the model.
+
+The engine does the method; this module only moves state. Everything the job does is guarded by the
+lease: a worker that loses it (another took the job after this one stalled) stops without writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.jobs import (
+    acquire_lease,
+    add_event,
+    add_status_event,
+    finish_leased,
+    renew_lease,
+    succeed_leased,
+    update_leased,
+)
+from app.db.models import Adaptation, AdaptationStatus, EventType, Model, new_id, utcnow
+from app.db.session import is_database_unavailable, transaction
+from app.settings import Settings
+from app.storage import ObjectStore, download_prefix, object_key, upload_directory
+from app.validation import ImageLimits, InputError, check_images, images_in_directory, resolve_config
+from must_engine import AdaptCancelled, AdaptResult, BaseModelError, ConfigError, Progress, adapt
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+PROGRESS_WRITE_SECONDS = 1.0
+PROGRESS_EVENT_SECONDS = 10.0
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now; this one must stop without touching the row."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the worker needs from the row, read once when the lease is taken."""
+
+    adaptation_id: str
+    team_id: str
+    class_names: list[str]
+    base_model: str
+    config_request: dict[str, Any]
+    source_bucket: str
+    source_prefix: str
+    attempt: int
+
+    @property
+    def checkpoint_key(self) -> str:
+        return object_key("teams", self.team_id, "adaptations", self.adaptation_id, "checkpoint", CHECKPOINT_FILE)
+
+
+class LeaseKeeper:
+    """A thread that renews the lease every poll and notices cancel requests and lost leases."""
+
+    def __init__(
+        self, session_factory: sessionmaker[Session], adaptation_id: str, owner: str, settings: Settings
+    ) -> None:
+        self.session_factory = session_factory
+        self.adaptation_id = adaptation_id
+        self.owner = owner
+        self.lease_seconds = settings.lease_seconds
+        self.poll_seconds = min(settings.cancel_poll_seconds, settings.lease_seconds / 3)
+        self.cancel_requested = threading.Event()
+        self.lease_lost = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{adaptation_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested.is_set() or self.lease_lost.is_set()
+
+    def check(self) -> None:
+        """Between stages: raise if the job should not go on."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(self.adaptation_id)
+        if self.cancel_requested.is_set():
+            raise AdaptCancelled("cancelled")
+
+    def _run(self) -> None:
+        last_renewed = time.monotonic()
+        while not self._stopped.wait(self.poll_seconds):
+            try:
+                with transaction(self.session_factory) as session:
+                    state = renew_lease(session, self.adaptation_id, self.owner, self.lease_seconds)
+            except Exception as exc:
+                # A database restart must not kill a long run; only a lease that ran out while we
+                # could not renew it means someone else may have the job now.
+                if not is_database_unavailable(exc):
+                    log.exception("renewing the lease of %s failed", self.adaptation_id)
+                if time.monotonic() - last_renewed > self.lease_seconds:
+                    self.lease_lost.set()
+                    return
+                continue
+            last_renewed = time.monotonic()
+            if not state.held:
+                self.lease_lost.set()
+                return
+            if state.cancel_requested:
+                self.cancel_requested.set()
+
+
+class AdaptationRunner:
+    """Runs one delivery of `run_adaptation`; `run()` returns what happened, for the task's log."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        store: ObjectStore,
+        adaptation_id: str,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.store = store
+        self.adaptation_id = adaptation_id
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._last_write = 0.0
+        self._last_event = 0.0
+        self._last_epoch = -1
+
+    def run(self) -> str:
+        spec = self._lease()
+        if spec is None:
+            return "skipped: the job is finished, cancelled or held by another worker"
+        with LeaseKeeper(self.session_factory, spec.adaptation_id, self.owner, self.settings) as keeper:
+            try:
+                return self._run_leased(spec, keeper)
+            except LeaseLost:
+                log.warning("lost the lease of %s; another worker has it", spec.adaptation_id)
+                return "abandoned: lease lost"
+            except AdaptCancelled:
+                if keeper.lease_lost.is_set():
+                    return "abandoned: lease lost"
+                self._finish(spec, AdaptationStatus.CANCELLED, "cancelled by request")
+                return "cancelled"
+            except InputError as exc:
+                self._fail(spec, exc.code, exc.message)
+                return f"failed: {exc.code}"
+            except (BaseModelError, ConfigError) as exc:
+                self._fail(spec, exc.code, str(exc))
+                return f"failed: {exc.code}"
+            except Exception as exc:
+                log.exception("adaptation %s failed", spec.adaptation_id)
+                self._fail(spec, "training_failed", f"{type(exc).__name__}: {exc}")
+                return "failed: training_failed"
+
+    def _lease(self) -> JobSpec | None:
+        with transaction(self.session_factory) as session:
+            if not acquire_lease(session, self.adaptation_id, self.owner, self.settings.lease_seconds):
+                return None
+            row = session.get_one(Adaptation, self.adaptation_id)
+            resumed = " (resuming an interrupted run)" if row.attempts > 1 else ""
+            add_status_event(
+                session, row.id, AdaptationStatus.VALIDATING, f"attempt {row.attempts} on {self.owner}{resumed}"
+            )
+            return JobSpec(
+                adaptation_id=row.id,
+                team_id=row.team_id,
+                class_names=list(row.class_names),
+                base_model=row.base_model,
+                config_request=dict(row.config_request),
+                source_bucket=row.source_bucket,
+                source_prefix=row.source_prefix,
+                attempt=row.attempts,
+            )
+
+    def _run_leased(self, spec: JobSpec, keeper: LeaseKeeper) -> str:
+        with tempfile.TemporaryDirectory(prefix=f"must-{spec.adaptation_id}-") as scratch:
+            root = Path(scratch)
+            images = self._fetch_images(spec, root)
+            keeper.check()
+            config = resolve_config(
+                spec.config_request,
+                num_images=len(images),
+                num_classes=len(spec.class_names),
+                base_model=spec.base_model,
+            )
+            self._start_running(spec, num_images=len(images), config=config.to_dict())
+            work_dir = root / "work"
+            work_dir.mkdir()
+            if self.store.exists(spec.checkpoint_key):
+                self.store.get_file(spec.checkpoint_key, work_dir / CHECKPOINT_FILE)
+                self._event(spec, EventType.MESSAGE, "found a checkpoint from an earlier attempt; resuming")
+            keeper.check()
+            result = adapt(
+                images,
+                spec.class_names,
+                root / "artifact",
+                base_model=spec.base_model,
+                config=config,
+                device=self.settings.device,
+                work_dir=work_dir,
+                on_progress=lambda progress: self._on_progress(spec, progress),
+                on_checkpoint=lambda path: self._on_checkpoint(spec, path),
+                should_stop=keeper.should_stop,
+            )
+            return self._store_model(spec, result)
+
+    def _fetch_images(self, spec: JobSpec, root: Path) -> list[Path]:
+        source = self.store.for_bucket(spec.source_bucket)
+        downloaded = root / "source"
+        download_prefix(source, spec.source_prefix, downloaded)
+        limits = ImageLimits.from_settings(self.settings)
+        images = images_in_directory(downloaded, root / "extracted", limits)
+        check_images(images, limits)
+        self._event(spec, EventType.MESSAGE, f"{len(images)} images validated")
+        return [path for path, _ in images]
+
+    def _start_running(self, spec: JobSpec, **values: Any) -> None:
+        def start(session: Session) -> bool:
+            row = session.get_one(Adaptation, spec.adaptation_id)
+            if row.started_at is None:
+                values["started_at"] = utcnow()
+            if not update_leased(session, spec.adaptation_id, self.owner, status=AdaptationStatus.RUNNING, **values):
+                return False
+            add_status_event(session, spec.adaptation_id, AdaptationStatus.RUNNING, "training started")
+            return True
+
+        if not self._with_retry(start):
+            raise LeaseLost(spec.adaptation_id)
+
+    def _on_progress(self, spec: JobSpec, progress: Progress) -> None:
+        """Progress reaches the row at most once a second and the event log every few seconds."""
+        now = time.monotonic()
+        finished = progress.step >= progress.total_steps
+        new_epoch = progress.epoch != self._last_epoch
+        if progress.message is None and not finished and now - self._last_write < PROGRESS_WRITE_SECONDS:
+            return
+        snapshot = {
+            "step": progress.step,
+            "total_steps": progress.total_steps,
+            "epoch": progress.epoch,
+            "epochs": progress.epochs,
+            "fraction": round(progress.fraction, 6),
+        }
+        values: dict[str, Any] = {"progress": snapshot}
+        if progress.metrics:
+            values["metrics"] = progress.metrics
+        try:
+            with transaction(self.session_factory) as session:
+                update_leased(session, spec.adaptation_id, self.owner, **values)
+                if progress.message is not None:
+                    add_event(session, spec.adaptation_id, EventType.MESSAGE, progress.message, snapshot)
+                elif finished or new_epoch or now - self._last_event >= PROGRESS_EVENT_SECONDS:
+                    add_event(
+                        session,
+                        spec.adaptation_id,
+                        EventType.PROGRESS,
+                        None,
+                        {**snapshot, "metrics": progress.metrics},
+                    )
+                    self._last_event = now
+                    self._last_epoch = progress.epoch
+        except Exception as exc:
+            # Losing one progress update is better than losing the run; the next one catches up.
+            if not is_database_unavailable(exc):
+                raise
+            log.warning("could not record progress of %s: %s", spec.adaptation_id, exc)
+        self._last_write = now
+
+    def _on_checkpoint(self, spec: JobSpec, path: Path) -> None:
+        try:
+            self.store.put_file(spec.checkpoint_key, path)
+        except Exception:
+            log.exception("uploading the checkpoint of %s failed; training goes on", spec.adaptation_id)
+
+    def _store_model(self, spec: JobSpec, result: AdaptResult) -> str:
+        """Upload the artifact, then reference it in one transaction; never a row without its files."""
+        model_id = new_id("mdl")
+        prefix = object_key("teams", spec.team_id, "models", model_id) + "/"
+        size = upload_directory(self.store, result.artifact_dir, prefix)
+        model = Model(
+            id=model_id,
+            team_id=spec.team_id,
+            adaptation_id=spec.adaptation_id,
+            class_names=spec.class_names,
+            base_model=spec.base_model,
+            metrics=result.metrics,
+            artifact_prefix=prefix,
+            artifact_bytes=size,
+        )
+
+        def commit(session: Session) -> bool:
+            return succeed_leased(session, spec.adaptation_id, self.owner, model)
+
+        if self._with_retry(commit):
+            self._discard_checkpoint(spec)
+            return f"succeeded: {model_id}"
+        self.store.delete_prefix(prefix)
+        raise AdaptCancelled("cancelled as training finished")
+
+    def _finish(self, spec: JobSpec, status: AdaptationStatus, message: str, **values: Any) -> None:
+        self._with_retry(
+            lambda session: finish_leased(session, spec.adaptation_id, self.owner, status, message, **values)
+        )
+        self._discard_checkpoint(spec)
+
+    def _fail(self, spec: JobSpec, code: str, message: str) -> None:
+        self._finish(spec, AdaptationStatus.FAILED, f"failed: {code}", error_code=code, error_message=message)
+
+    def _discard_checkpoint(self, spec: JobSpec) -> None:
+        try:
+            self.store.delete_prefix(spec.checkpoint_key)
+        except Exception:
+            log.exception("could not delete the checkpoint of %s", spec.adaptation_id)
+
+    def _event(self, spec: JobSpec, type_: EventType, message: str, data: dict[str, Any] | None = None) -> None:
+        self._with_retry(lambda session: add_event(session, spec.adaptation_id, type_, message, data))
+
+    def _with_retry(self, work: Callable[[Session], T]) -> T:
+        """Run work in a transaction, waiting out a database restart for up to one lease period."""
+        deadline = time.monotonic() + self.settings.lease_seconds
+        delay = 0.5
+        while True:
+            try:
+                with transaction(self.session_factory) as session:
+                    return work(session)
+            except Exception as exc:
+                if not is_database_unavailable(exc) or time.monotonic() > deadline:
+                    raise
+                log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
