@@ -1,0 +1,248 @@
+"""Shared fixtures for the service tests: real PostgreSQL, Redis and an S3 server, once per session.
+
+- PostgreSQL: a fresh database `must_test_<random>` on 127.0.0.1:5432 (user postgres), dropped at the end.
+- Redis: a database index nobody else uses during the session, flushed at the end.
+- S3: moto's standalone server in a thread on a free port, reached through the real `minio` client.
+
+Each is started lazily, so engine-only runs never touch them.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import socket
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from app.settings import Settings
+    from app.storage import ObjectStore
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+DTD10 = DATASETS / "dtd10"
+POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dtd_image_paths(count: int, classes: int = 2) -> list[Path]:
+    """`count` real DTD photos spread over the first `classes` classes (labels are never sent)."""
+    folders = sorted(path for path in DTD10.iterdir() if path.is_dir())[:classes]
+    per_class = [sorted(folder.glob("*.jpg")) for folder in folders]
+    picked = [images[index] for index in range(count) for images in per_class][:count]
+    assert len(picked) == count, f"not enough DTD images in {DTD10}"
+    return picked
+
+
+def zip_bytes(paths: list[Path]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in paths:
+            archive.write(path, f"{path.parent.name}/{path.name}")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def dtd_images() -> type[DtdImages]:
+    """Helpers to pick real DTD photos and zip them (fixtures, since test folders are not packages)."""
+    return DtdImages
+
+
+class DtdImages:
+    paths = staticmethod(dtd_image_paths)
+    zip = staticmethod(zip_bytes)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key: str = "testing"
+    secret_key: str = "testing"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3Server(endpoint=f"http://127.0.0.1:{port}")
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    import psycopg
+
+    name = f"must_test_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    import redis
+
+    marker = f"must-test-session-{secrets.token_hex(6)}"
+    for index in secrets.SystemRandom().sample(range(1, 16), 15):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=index)
+        # Claim an empty database atomically: another session picking the same index sees our marker.
+        if client.dbsize() == 0 and client.set("must-test-owner", marker, nx=True):
+            break
+        client.close()
+    else:
+        pytest.fail("no free Redis database index on 127.0.0.1:6379")
+    yield f"redis://127.0.0.1:6379/{index}"
+    client.flushdb()
+    client.close()
+
+
+# ---- the service on real components ----------------------------------------------------------------
+# Imported lazily: the engine's own tests should not need the web stack.
+
+
+@pytest.fixture(scope="session")
+def base_model() -> str:
+    from must_engine import DEFAULT_BASE_MODEL
+
+    return DEFAULT_BASE_MODEL
+
+
+@pytest.fixture(scope="session")
+def source_bucket() -> str:
+    return f"team-data-{secrets.token_hex(4)}"
+
+
+def service_settings_for(
+    data_dir: Path, postgres_url: str, redis_url: str, s3: S3Server, source_bucket: str, **overrides: object
+) -> Settings:
+    """Settings for Postgres + Redis + S3 with limits small enough for quick tests."""
+    from app.settings import Settings
+
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "database_url": postgres_url,
+        "broker_url": redis_url,
+        "s3_endpoint": s3.endpoint,
+        "s3_access_key": s3.access_key,
+        "s3_secret_key": s3.secret_key,
+        "s3_bucket": f"must-{secrets.token_hex(4)}",
+        "source_buckets": [source_bucket],
+        "min_images": 8,
+        "max_images": 64,
+        "max_active_jobs_per_team": 50,
+        "lease_seconds": 6.0,
+        "cancel_poll_seconds": 0.5,
+        "sweep_interval_seconds": 1.0,
+        "requeue_after_seconds": 3.0,
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def service_settings(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, s3_server: S3Server, source_bucket: str
+) -> Settings:
+    from app.prestart import migrate
+    from app.storage import create_store
+
+    settings = service_settings_for(
+        tmp_path_factory.mktemp("service"), postgres_url, redis_url, s3_server, source_bucket
+    )
+    migrate(settings)
+    create_store(settings).for_bucket(source_bucket).ensure_bucket()
+    return settings
+
+
+@pytest.fixture(scope="session")
+def session_factory(service_settings: Settings) -> Iterator[sessionmaker[Session]]:
+    from app.db.session import create_db_engine, create_session_factory
+
+    engine = create_db_engine(service_settings)
+    yield create_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def store(service_settings: Settings) -> ObjectStore:
+    from app.storage import create_store
+
+    store = create_store(service_settings)
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture(scope="session")
+def client(service_settings: Settings) -> Iterator[TestClient]:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(service_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def make_client(service_settings: Settings) -> Callable[..., AbstractContextManager[TestClient]]:
+    """An app on the same services with some settings changed (limits, for instance)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    @contextmanager
+    def build(**overrides: object) -> Iterator[TestClient]:
+        with TestClient(create_app(service_settings.model_copy(update=overrides))) as test_client:
+            yield test_client
+
+    return build
+
+
+@dataclass(frozen=True)
+class TeamKey:
+    id: str
+    name: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def create_team_key(session_factory: sessionmaker[Session], name: str | None = None) -> TeamKey:
+    from app.auth import create_team
+    from app.db.session import transaction
+
+    with transaction(session_factory) as session:
+        team, key = create_team(session, name or f"team-{secrets.token_hex(4)}")
+        return TeamKey(team.id, team.name, key)
+
+
+@pytest.fixture
+def team(session_factory: sessionmaker[Session]) -> TeamKey:
+    return create_team_key(session_factory)
+
+
+@pytest.fixture
+def other_team(session_factory: sessionmaker[Session]) -> TeamKey:
+    return create_team_key(session_factory)
