@@ -87,15 +87,23 @@ def s3_server() -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+def create_database() -> Iterator[Callable[[], str]]:
+    """A factory of fresh PostgreSQL databases, all dropped at the end of the session."""
     import psycopg
 
-    name = f"must_test_{secrets.token_hex(6)}"
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"must_test_{secrets.token_hex(6)}"
+        with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    yield create
     with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(POSTGRES_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in created:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -132,47 +140,57 @@ def source_bucket() -> str:
     return f"team-data-{secrets.token_hex(4)}"
 
 
-def service_settings_for(
-    data_dir: Path, postgres_url: str, redis_url: str, s3: S3Server, source_bucket: str, **overrides: object
-) -> Settings:
-    """Settings for Postgres + Redis + S3 with limits small enough for quick tests."""
-    from app.settings import Settings
+@pytest.fixture(scope="session")
+def make_service_settings(
+    tmp_path_factory: pytest.TempPathFactory,
+    create_database: Callable[[], str],
+    redis_url: str,
+    s3_server: S3Server,
+    source_bucket: str,
+) -> Callable[..., Settings]:
+    """Settings for a fresh, migrated Postgres database, Redis and a fresh bucket, with test-sized limits.
 
-    values: dict[str, object] = {
-        "data_dir": data_dir,
-        "database_url": postgres_url,
-        "broker_url": redis_url,
-        "s3_endpoint": s3.endpoint,
-        "s3_access_key": s3.access_key,
-        "s3_secret_key": s3.secret_key,
-        "s3_bucket": f"must-{secrets.token_hex(4)}",
-        "source_buckets": [source_bucket],
-        "min_images": 8,
-        "max_images": 64,
-        "max_active_jobs_per_team": 50,
-        "lease_seconds": 6.0,
-        "cancel_poll_seconds": 0.5,
-        "sweep_interval_seconds": 1.0,
-        "requeue_after_seconds": 3.0,
-        "device": "cpu",
-    }
-    values.update(overrides)
-    return Settings(**values)
+    Each call is a separate world (database, bucket, data dir); a distinct `training_queue` keeps the
+    Redis queues apart too.
+    """
+    from app.prestart import migrate
+    from app.settings import Settings
+    from app.storage import create_store
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "data_dir": tmp_path_factory.mktemp("service"),
+            "database_url": create_database(),
+            "broker_url": redis_url,
+            "s3_endpoint": s3_server.endpoint,
+            "s3_access_key": s3_server.access_key,
+            "s3_secret_key": s3_server.secret_key,
+            "s3_bucket": f"must-{secrets.token_hex(4)}",
+            "source_buckets": [source_bucket],
+            "training_queue": f"training-{secrets.token_hex(4)}",
+            "min_images": 8,
+            "max_images": 64,
+            "max_active_jobs_per_team": 50,
+            "lease_seconds": 6.0,
+            "cancel_poll_seconds": 0.5,
+            "sweep_interval_seconds": 1.0,
+            "requeue_after_seconds": 3.0,
+            "device": "cpu",
+        }
+        values.update(overrides)
+        settings = Settings(**values)  # type: ignore[arg-type]
+        migrate(settings)
+        store = create_store(settings)
+        store.ensure_bucket()
+        store.for_bucket(source_bucket).ensure_bucket()
+        return settings
+
+    return make
 
 
 @pytest.fixture(scope="session")
-def service_settings(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str, s3_server: S3Server, source_bucket: str
-) -> Settings:
-    from app.prestart import migrate
-    from app.storage import create_store
-
-    settings = service_settings_for(
-        tmp_path_factory.mktemp("service"), postgres_url, redis_url, s3_server, source_bucket
-    )
-    migrate(settings)
-    create_store(settings).for_bucket(source_bucket).ensure_bucket()
-    return settings
+def service_settings(make_service_settings: Callable[..., Settings]) -> Settings:
+    return make_service_settings()
 
 
 @pytest.fixture(scope="session")
@@ -236,6 +254,12 @@ def create_team_key(session_factory: sessionmaker[Session], name: str | None = N
     with transaction(session_factory) as session:
         team, key = create_team(session, name or f"team-{secrets.token_hex(4)}")
         return TeamKey(team.id, team.name, key)
+
+
+@pytest.fixture(scope="session")
+def make_team() -> Callable[..., TeamKey]:
+    """Create a team (and key) in the database of a given session factory."""
+    return create_team_key
 
 
 @pytest.fixture
