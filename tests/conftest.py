@@ -10,14 +10,16 @@ Each is started lazily, so engine-only runs never touch them.
 from __future__ import annotations
 
 import io
+import json
 import secrets
 import socket
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -38,6 +40,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
 
 
 def dtd_image_paths(count: int, classes: int = 2) -> list[Path]:
@@ -262,11 +269,90 @@ def make_team() -> Callable[..., TeamKey]:
     return create_team_key
 
 
-@pytest.fixture
-def team(session_factory: sessionmaker[Session]) -> TeamKey:
-    return create_team_key(session_factory)
+def _team_database(request: pytest.FixtureRequest) -> sessionmaker[Session]:
+    """Teams live in the database of the test's `stack` when it has one, else the shared service's."""
+    if "stack" in request.fixturenames:
+        return request.getfixturevalue("stack").session_factory
+    return request.getfixturevalue("session_factory")
 
 
 @pytest.fixture
-def other_team(session_factory: sessionmaker[Session]) -> TeamKey:
-    return create_team_key(session_factory)
+def team(request: pytest.FixtureRequest) -> TeamKey:
+    return create_team_key(_team_database(request))
+
+
+@pytest.fixture
+def other_team(request: pytest.FixtureRequest) -> TeamKey:
+    return create_team_key(_team_database(request))
+
+
+# ---- the whole service with a real worker --------------------------------------------------------
+# A job that trains for real in seconds: 16 images, batches of 8, one epoch, no loader processes.
+TINY_CONFIG = {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 1, "log_every": 1}
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    client: TestClient
+    session_factory: sessionmaker[Session]
+    store: ObjectStore
+    celery: Any
+    base_model: str
+
+    def wait_for(self, team: Any, adaptation_id: str, done: Callable[[dict], bool], timeout: float = 300.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            body = self.client.get(f"/adaptations/{adaptation_id}", headers=team.headers).json()
+            if done(body):
+                return body
+            assert time.monotonic() < deadline, f"timed out; last state {body}"
+            time.sleep(0.25)
+
+    def wait_final(self, team: Any, adaptation_id: str, timeout: float = 300.0) -> dict:
+        return self.wait_for(team, adaptation_id, lambda body: body["status"] in FINAL, timeout)
+
+    def events(self, team: Any, adaptation_id: str) -> list[dict]:
+        page = self.client.get(f"/adaptations/{adaptation_id}/events", headers=team.headers, params={"limit": 1000})
+        return page.json()["data"]
+
+    def submit(self, team: Any, images: bytes, config: dict | None = None, **fields: str) -> dict:
+        data = {
+            "class_names": json.dumps(["banded", "blotchy"]),
+            "base_model": self.base_model,
+            "config": json.dumps(config or TINY_CONFIG),
+            **fields,
+        }
+        files = {"images": ("images.zip", images, "application/zip")}
+        response = self.client.post("/adaptations", headers=team.headers, data=data, files=files)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+
+@pytest.fixture(scope="module")
+def stack(make_service_settings: Callable[..., Settings], base_model: str) -> Iterator[Stack]:
+    from celery.contrib.testing.worker import start_worker
+    from fastapi.testclient import TestClient
+
+    from app.db.session import create_db_engine, create_session_factory
+    from app.main import create_app
+    from app.storage import create_store
+    from worker.celery_app import create_celery_app
+
+    settings = make_service_settings()
+    celery = create_celery_app(settings)
+    engine = create_db_engine(settings)
+    with (
+        TestClient(create_app(settings)) as client,
+        start_worker(
+            celery,
+            pool="solo",
+            concurrency=1,
+            queues=[settings.training_queue],
+            perform_ping_check=False,
+            shutdown_timeout=60,
+        ),
+    ):
+        yield Stack(settings, client, create_session_factory(engine), create_store(settings), celery, base_model)
+    engine.dispose()

@@ -1,0 +1,116 @@
+"""The embedded mode end to end, as a user runs it: `must admin create-team` and `must serve` from one
+directory (state in its ./var: SQLite, a local object store, a file-system broker, a worker subprocess),
+then an adaptation and a classification over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+MUST = str(Path(sys.executable).with_name("must"))
+TINY_CONFIG = {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 1, "log_every": 1}
+
+
+def _environment() -> dict[str, str]:
+    """The caller's environment without any MUST_* setting: embedded defaults only."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("MUST_")}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def server(workdir: Path, unused_port: int) -> Iterator[str]:
+    log = (workdir / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [MUST, "serve", "--port", str(unused_port)],
+        cwd=workdir,
+        env=_environment(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{unused_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (workdir / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "must serve did not become ready"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            assert process.wait(timeout=60) == 0, (workdir / "serve.log").read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+            log.close()
+
+
+def test_embedded_service_adapts_and_classifies(server: str, workdir: Path, dtd_images, base_model: str) -> None:
+    created = subprocess.run(
+        [MUST, "admin", "create-team", "embedded-team"],
+        cwd=workdir,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("mk_")
+    assert (workdir / "var" / "must.db").is_file(), "admin and serve share ./var"
+    headers = {"Authorization": f"Bearer {key}"}
+
+    with httpx.Client(base_url=server, headers=headers, timeout=60) as client:
+        response = client.post(
+            "/adaptations",
+            data={
+                "class_names": json.dumps(["banded", "blotchy"]),
+                "base_model": base_model,
+                "config": json.dumps(TINY_CONFIG),
+            },
+            files={"images": ("textures.zip", dtd_images.zip(dtd_images.paths(16)), "application/zip")},
+        )
+        assert response.status_code == 202, response.text
+        adaptation_id = response.json()["id"]
+
+        deadline = time.monotonic() + 300
+        while (body := client.get(f"/adaptations/{adaptation_id}").json())["status"] not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            assert time.monotonic() < deadline, body
+            time.sleep(1)
+        assert body["status"] == "succeeded", (body, (workdir / "serve.log").read_text()[-3000:])
+
+        image = dtd_images.paths(1)[0]
+        classified = client.post(
+            f"/models/{body['model_id']}/classify", files=[("images", (image.name, image.read_bytes(), "image/jpeg"))]
+        )
+        assert classified.status_code == 200, classified.text
+        labels = [p["label"] for p in classified.json()["results"][0]["predictions"]]
+        assert sorted(labels) == ["banded", "blotchy"]
+
+    objects = workdir / "var" / "objects"
+    assert sorted(path.name for path in objects.rglob("*") if path.is_file() and "models" in path.parts) == [
+        "metadata.json",
+        "model.safetensors",
+    ]
