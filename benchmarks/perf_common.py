@@ -1,0 +1,269 @@
+"""Shared pieces of the perf_* benchmarks: random-weight models, the MUST step, precision variants, timing.
+
+The step is assembled from the engine's own modules (MustModel, EmaTeacher, the four losses,
+build_optimizer/build_scheduler, MaskGenerator) and follows the body of the loop in
+`must_engine.train.adapt` line for line, so that a figure measured here is the engine's cost and a
+change to those modules shows up here. Only the loop body is restated, because `adapt` keeps it inline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # import the working tree's engine, also when run as benchmarks/perf_*.py
+    sys.path.insert(0, str(REPO))
+
+from must_engine.config import MustConfig  # noqa: E402
+from must_engine.ema import EmaTeacher, ema_decay  # noqa: E402
+from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss  # noqa: E402
+from must_engine.masking import MaskGenerator  # noqa: E402
+from must_engine.models import ImageClassifier, MustModel  # noqa: E402
+from must_engine.optim import build_optimizer, build_scheduler  # noqa: E402
+from must_engine.train import _Meter  # noqa: E402
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a step runs: autocast dtype (None = fp32), TF32 matmuls/convs (None = process default), compile."""
+
+    name: str
+    dtype: torch.dtype | None
+    tf32: bool | None
+    compile: bool
+
+
+VARIANTS: dict[str, Variant] = {
+    # The reference code's default: fp32, TF32 off for matmuls and convolutions.
+    "fp32-eager": Variant("fp32-eager", None, False, False),
+    "tf32-eager": Variant("tf32-eager", None, True, False),
+    # bf16 variants keep the process's TF32 defaults, as must_engine.train does.
+    "bf16-eager": Variant("bf16-eager", torch.bfloat16, None, False),
+    "bf16-compile": Variant("bf16-compile", torch.bfloat16, None, True),
+}
+
+
+def build_classifier(arch: str, num_classes: int, seed: int = 0) -> ImageClassifier:
+    """An ImageClassifier with random weights: cost equals the real model's, no download needed.
+
+    `arch` is an open_clip architecture name, or a JSON file holding a model config (either open_clip's
+    `open_clip_config.json` layout with a `model_cfg` key, or a bare model config) for tiny CPU runs.
+    """
+    torch.manual_seed(seed)
+    path = Path(arch)
+    if path.suffix == ".json" and path.is_file():
+        cfg = json.loads(path.read_text())
+        cfg = cfg.get("model_cfg", cfg)
+        model = open_clip.CLIP(**cfg)
+    else:
+        model = open_clip.create_model(arch)
+    visual = model.visual
+    head = F.normalize(torch.randn(visual.output_dim, num_classes), dim=0)
+    return ImageClassifier(visual, head)
+
+
+def image_size(classifier: ImageClassifier) -> int:
+    size = classifier.visual.image_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def forward_flops_per_image(classifier: ImageClassifier, device: torch.device) -> float:
+    """FLOPs of one classifier forward on one image (matmuls, convolutions, attention), fp32."""
+    size = image_size(classifier)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        classifier(torch.zeros(1, 3, size, size, device=device))
+    return float(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def precision(variant: Variant) -> Iterator[None]:
+    """Set TF32 for matmuls and cuDNN convolutions (new fp32_precision API) for the duration."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    if variant.tf32 is not None:
+        mode = "tf32" if variant.tf32 else "ieee"
+        matmul.fp32_precision = conv.fp32_precision = mode
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def step_config(classifier: ImageClassifier, batch: int, **overrides: object) -> MustConfig:
+    """The engine's default MUST config for one micro-batch = one optimizer step, masks fitted to the model."""
+    patch = int(classifier.visual.patch_size[0])
+    size = image_size(classifier)
+    mask_patch = 2 * patch if size % (2 * patch) == 0 else patch  # the paper's 2x2 patches where they fit
+    values: dict[str, object] = {"batch_size": batch, "micro_batch_size": batch, "mask_patch": mask_patch,
+                                 "input_size": size, **overrides}
+    return MustConfig(**values)  # type: ignore[arg-type]
+
+
+def random_batch(
+    config: MustConfig, patch: int, device: torch.device, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weak, strong, mask) like TwoViewDataset's collated output, with random pixels and engine masks."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (config.batch_size, 3, config.input_size, config.input_size)
+    weak, strong = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    masks = MaskGenerator(config.input_size, config.mask_patch, patch, config.mask_ratio)
+    rng = np.random.default_rng(seed)
+    mask = torch.stack([masks(rng) for _ in range(config.batch_size)])
+    return weak.to(device), strong.to(device), mask.to(device)
+
+
+class MustStep:
+    """One MUST optimizer step of `must_engine.train.adapt` (accumulation 1), built from engine modules.
+
+    Teacher forward on the weak view, student forward_masked + backward on the masked strong view,
+    self-training + fairness + MIM + alignment losses, the finiteness check and the training meter
+    (both synchronise with the GPU, as in the engine), AdamW step, scheduler step, EMA update.
+    `compile` wraps the student's forward_masked and the teacher's forward in torch.compile; `fused`
+    picks fused AdamW (default: on CUDA only, as the engine does).
+    """
+
+    def __init__(self, classifier: ImageClassifier, config: MustConfig, device: torch.device,
+                 variant: Variant, *, meter: bool = True, fused: bool | None = None, seed: int = 0) -> None:
+        self.config, self.device, self.variant, self.use_meter = config, device, variant, meter
+        torch.manual_seed(seed)  # MustModel draws [MSK], patch norm and decoder: same start for every variant
+        self.student = MustModel(copy.deepcopy(classifier)).to(device)
+        self.teacher = EmaTeacher(self.student)
+        num_layers = len(self.student.classifier.visual.transformer.resblocks)
+        fused = device.type == "cuda" if fused is None else fused  # None: the engine's choice
+        self.optimizer = build_optimizer(self.student, config, num_layers, fused=fused)
+        self.scheduler = build_scheduler(self.optimizer, config, total_steps=1_000_000)
+        self.fair_moving = config.fair_mode == "moving_average" or (
+            config.fair_mode == "auto" and self.student.classifier.num_classes > config.batch_size
+        )
+        self.fair_running: torch.Tensor | None = None
+        self.forward_masked: Callable = self.student.forward_masked
+        self.teacher_forward: Callable = self.teacher.module
+        if variant.compile:
+            self.forward_masked = torch.compile(self.student.forward_masked)
+            self.teacher_forward = torch.compile(self.teacher.module)
+        self.meter = _Meter()
+        self.step_index = 0
+        self.student.train()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.variant.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.variant.dtype)
+
+    def __call__(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run one step; returns the (detached) total loss."""
+        config, student = self.config, self.student
+        decay = ema_decay(self.step_index, config.ema_init, config.ema_final, config.ema_warmup)
+        with precision(self.variant):
+            with torch.no_grad(), self._autocast():
+                teacher_probs = F.softmax(self.teacher_forward(weak).float(), dim=-1)
+            with self._autocast():
+                out = self.forward_masked(strong, mask)
+                logits = out.logits
+                loss_st, confident = self_training_loss(logits, teacher_probs, config.tau)
+                probs = F.softmax(logits.float(), dim=-1)
+                loss_fair, self.fair_running = fairness_loss(
+                    probs.mean(dim=0), self.fair_running if self.fair_moving else None,
+                    config.fair_momentum if self.fair_moving else 0.0,
+                )
+                parts = {"loss_st": loss_st, "loss_fair": loss_fair}
+                parts["loss_mim"] = mim_loss(out.reconstruction, strong, mask, student.patch_size)
+                parts["loss_align"] = align_loss(out.cls_embedding, out.patch_embeddings, mask,
+                                                 target=config.align_target, k=config.align_k)
+                loss = (loss_st + config.w_fair * loss_fair + config.w_mim * parts["loss_mim"]
+                        + config.w_align * parts["loss_align"])
+            if self.use_meter:
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss: {parts}")
+                loss.backward()
+                self.meter.add_micro_batch(parts, loss, teacher_probs, probs, confident, config.tau)
+            else:
+                loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.teacher.update(decay)
+        self.step_index += 1
+        return loss.detach()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
+               wall_clock: bool = False) -> list[float]:
+    """Seconds per call, warm-up excluded: CUDA events on a GPU, perf_counter on a CPU.
+
+    `wall_clock` uses perf_counter + synchronize on a GPU too, for calls whose host work (JPEG decoding,
+    result copies) is part of what is measured.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    for _ in range(repeats):
+        if device.type == "cuda" and not wall_clock:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            tick = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - tick)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last reset; None on a CPU (not tracked per phase)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table, so output pastes straight into docs/PERFORMANCE.md."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join("---" for _ in headers) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
