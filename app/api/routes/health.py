@@ -52,9 +52,8 @@ def metrics(services: ServicesDep) -> Response:
     # The request and process metrics are still worth serving while the database is down.
     with suppress(SQLAlchemyError):
         with services.session_factory() as session:
-            counts = dict(
-                session.execute(select(Adaptation.status, func.count()).group_by(Adaptation.status)).tuples().all()
-            )
+            rows = session.execute(select(Adaptation.status, func.count()).group_by(Adaptation.status))
+            counts = {status: count for status, count in rows}
         for status in AdaptationStatus:
             registry.adaptations_by_status.labels(status.value).set(counts.get(status.value, 0))
     registry.loaded_predictors.set(services.predictors.size)

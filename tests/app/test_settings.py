@@ -1,0 +1,68 @@
+"""Settings: embedded defaults, environment switches, and fail-fast validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MUST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_embedded_defaults_live_under_var(tmp_path: Path) -> None:
+    settings = Settings()
+    assert settings.data_dir == (tmp_path / "var").resolve()
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'var' / 'must.db'}"
+    assert settings.broker_url == "filesystem://"
+    assert settings.uses_sqlite and not settings.uses_s3
+    assert settings.objects_dir.is_relative_to(settings.data_dir)
+
+
+def test_environment_switches_each_part(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MUST_DATA_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("MUST_DATABASE_URL", "postgresql+psycopg://u:p@db:5432/must")
+    monkeypatch.setenv("MUST_BROKER_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("MUST_S3_ENDPOINT", "http://minio:9000")
+    monkeypatch.setenv("MUST_S3_ACCESS_KEY", "access")
+    monkeypatch.setenv("MUST_S3_SECRET_KEY", "hunter2-value")
+    monkeypatch.setenv("MUST_SOURCE_BUCKETS", "team-a, team-b")
+    monkeypatch.setenv("MUST_MAX_IMAGES", "123")
+    settings = Settings()
+    assert settings.data_dir == tmp_path / "elsewhere"
+    assert not settings.uses_sqlite and settings.uses_s3
+    assert settings.broker_url == "redis://redis:6379/0"
+    assert settings.source_buckets == ["team-a", "team-b"]
+    assert settings.max_images == 123
+    assert "hunter2-value" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("variables", "mentions"),
+    [
+        ({"MUST_MAX_IMAGES": "0"}, "max_images"),
+        ({"MUST_MAX_IMAGES": "lots"}, "max_images"),
+        ({"MUST_DATABASE_URL": "mysql://x/y"}, "database_url"),
+        ({"MUST_BROKER_URL": "kafka://x"}, "broker_url"),
+        ({"MUST_S3_ENDPOINT": "http://minio:9000"}, "s3_access_key"),
+        ({"MUST_MIN_IMAGES": "100", "MUST_MAX_IMAGES": "10"}, "min_images"),
+        ({"MUST_DEVICE": "tpu"}, "device"),
+        ({"MUST_SOURCE_BUCKETS": "must"}, "service bucket"),
+        ({"MUST_LEASE_SECONDS": "-1"}, "lease_seconds"),
+    ],
+)
+def test_bad_values_fail_at_start_up(monkeypatch: pytest.MonkeyPatch, variables: dict, mentions: str) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=mentions):
+        Settings()
