@@ -16,14 +16,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from app.db.jobs import add_status_event
-from app.db.models import ACTIVE_STATUSES, Adaptation, AdaptationStatus, Team, new_id, utcnow
+from app.db.models import ACTIVE_STATUSES, Adaptation, AdaptationStatus, PendingUpload, Team, new_id, utcnow
 from app.db.session import transaction
 from app.errors import ApiError
 from app.schemas import AdaptationFromSource
@@ -201,8 +201,11 @@ def _commit(services: Services, team: Team, draft: Draft, idempotency_key: str |
     settings, store = services.settings, services.store
     adaptation_id = new_id("ada")
     upload_prefix = object_key("teams", team.id, "adaptations", adaptation_id, "upload") + "/"
-    upload_bytes = sum(store.put_file(upload_prefix + name, path) for path, name in draft.files)
+    if draft.files:
+        with transaction(services.session_factory) as session:
+            session.add(PendingUpload(prefix=upload_prefix))
     try:
+        upload_bytes = sum(store.put_file(upload_prefix + name, path) for path, name in draft.files)
         with transaction(services.session_factory) as session:
             _check_active_jobs(session, team.id, settings.max_active_jobs_per_team)
             row = Adaptation(
@@ -224,9 +227,13 @@ def _commit(services: Services, team: Team, draft: Draft, idempotency_key: str |
             session.add(row)
             session.flush()
             add_status_event(session, adaptation_id, AdaptationStatus.QUEUED, "accepted")
+            session.execute(delete(PendingUpload).where(PendingUpload.prefix == upload_prefix))
     except BaseException as exc:
         if draft.files:
-            store.delete_prefix(upload_prefix)
+            try:
+                discard_upload(services, upload_prefix)
+            except Exception:
+                log.exception("could not discard %s now; the sweeper will", upload_prefix)
         if isinstance(exc, IntegrityError) and idempotency_key:
             # Another request with the same key committed first.
             with services.session_factory() as session:
@@ -240,6 +247,13 @@ def _commit(services: Services, team: Team, draft: Draft, idempotency_key: str |
     except Exception:
         log.exception("could not enqueue %s; the sweeper will send it", adaptation_id)
     return Accepted(row, replayed=False)
+
+
+def discard_upload(services: Services, prefix: str) -> None:
+    """Delete the objects of an upload that will not become an adaptation, then forget it."""
+    services.store.delete_prefix(prefix)
+    with transaction(services.session_factory) as session:
+        session.execute(delete(PendingUpload).where(PendingUpload.prefix == prefix))
 
 
 def _check_active_jobs(session: Session, team_id: str, limit: int) -> None:

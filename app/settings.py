@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
     requeue_after_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    # An upload whose request has not committed after this long was abandoned; its objects are deleted.
+    abandoned_upload_seconds: float = Field(default=3600.0, gt=0)
     # Longer than any job, so the broker never redelivers a message whose worker is still training.
     broker_visibility_timeout_seconds: int = Field(default=7 * 24 * 3600, gt=0)
 

@@ -2,7 +2,8 @@
 
 It covers the two ways a job can be stranded: its queue message was lost (broker restart without
 persistence), or its worker died (the lease stops being renewed). Several API processes may run it at
-once; each stranded job is claimed by one conditional UPDATE.
+once; each stranded job is claimed by one conditional UPDATE. It also deletes the objects of uploads
+whose request died before its adaptation was committed.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import asyncio
 import logging
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.db.jobs import sweep
+from app.db.models import PendingUpload, utcnow
 from app.db.session import transaction
+from app.intake import discard_upload
 from app.services import Services
 from worker.celery_app import enqueue_adaptation
 
@@ -26,6 +31,7 @@ STALE_STAGING_SECONDS = 24 * 3600
 
 
 def sweep_once(services: Services) -> list[str]:
+    """Re-send stranded jobs and delete abandoned uploads; returns the re-sent ids."""
     settings = services.settings
     with transaction(services.session_factory) as session:
         stranded = sweep(
@@ -35,7 +41,19 @@ def sweep_once(services: Services) -> list[str]:
         enqueue_adaptation(services.celery, adaptation_id)
     if stranded:
         log.info("re-enqueued %d stranded adaptations: %s", len(stranded), ", ".join(stranded))
+    reap_abandoned_uploads(services)
     return stranded
+
+
+def reap_abandoned_uploads(services: Services, batch: int = 100) -> None:
+    cutoff = utcnow() - timedelta(seconds=services.settings.abandoned_upload_seconds)
+    with services.session_factory() as session:
+        prefixes = session.scalars(
+            select(PendingUpload.prefix).where(PendingUpload.created_at < cutoff).limit(batch)
+        ).all()
+    for prefix in prefixes:
+        discard_upload(services, prefix)
+        log.info("deleted the abandoned upload %s", prefix)
 
 
 async def run_sweeper(services: Services) -> None:

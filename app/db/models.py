@@ -162,3 +162,16 @@ class Model(Base):
     artifact_prefix: Mapped[str] = mapped_column(String(1024))
     artifact_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PendingUpload(Base):
+    """An upload prefix being written for a request that has not committed its adaptation yet.
+
+    The row is removed in the transaction that inserts the adaptation. One still here long after was
+    abandoned (the API process died mid-request): the sweeper deletes its objects.
+    """
+
+    __tablename__ = "pending_uploads"
+
+    prefix: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

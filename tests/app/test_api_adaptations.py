@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Adaptation
+from app.db.models import Adaptation, PendingUpload
 from app.storage import ObjectStore
 
 
@@ -29,6 +29,7 @@ def test_zip_upload_is_accepted_queued_and_stored(
     with session_factory() as session:
         row = session.get_one(Adaptation, body["id"])
         assert row.team_id == team.id and row.source_bucket == store.bucket
+        assert session.get(PendingUpload, row.source_prefix) is None, "a committed upload is no longer pending"
 
     events = client.get(f"/adaptations/{body['id']}/events", headers=team.headers).json()
     assert [(event["type"], event["data"]) for event in events["data"]] == [("status", {"status": "queued"})]

@@ -152,3 +152,29 @@ def test_ids_sort_by_creation_time() -> None:
     ids = [new_id("ada") for _ in range(50)]
     assert all(len(value) == 32 for value in ids)
     assert [value[:16] for value in ids] == sorted(value[:16] for value in ids)
+
+
+def test_abandoned_uploads_are_deleted_by_the_sweeper(
+    make_client, session_factory: sessionmaker[Session], store, team
+) -> None:
+    """What an API process killed between writing objects and committing the adaptation leaves behind."""
+    import io
+
+    from app.db.models import PendingUpload
+    from app.sweeper import sweep_once
+
+    abandoned, in_flight = (
+        f"teams/{team.id}/adaptations/ada_dead/upload/",
+        f"teams/{team.id}/adaptations/ada_live/upload/",
+    )
+    with session_factory.begin() as session:
+        session.add(PendingUpload(prefix=abandoned, created_at=utcnow() - timedelta(hours=2)))
+        session.add(PendingUpload(prefix=in_flight))
+    for prefix in (abandoned, in_flight):
+        store.put_stream(prefix + "images.zip", io.BytesIO(b"zip"), 3)
+    with make_client(abandoned_upload_seconds=3600) as client:
+        sweep_once(client.app.state.services)
+    assert store.list(abandoned) == [] and len(store.list(in_flight)) == 1
+    with session_factory() as session:
+        assert set(session.scalars(select(PendingUpload.prefix))) >= {in_flight}
+        assert session.get(PendingUpload, abandoned) is None
