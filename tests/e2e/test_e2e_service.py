@@ -52,6 +52,13 @@ def test_classify_with_the_adapted_model(stack, adapted, dtd_images) -> None:
     assert all(result["filename"] is None for result in as_json["results"])
 
 
+def test_cancel_after_success_is_409(stack, adapted) -> None:
+    team, adaptation = adapted["team"], adapted["adaptation"]
+    response = stack.client.post(f"/adaptations/{adaptation['id']}/cancel", headers=team.headers)
+    assert response.status_code == 409 and response.json()["error"]["code"] == "adaptation_finished"
+    assert stack.client.get(f"/adaptations/{adaptation['id']}", headers=team.headers).json()["status"] == "succeeded"
+
+
 def test_classify_rejects_bad_images_and_top_k(stack, adapted) -> None:
     team, model_id = adapted["team"], adapted["model_id"]
     bad = stack.client.post(
