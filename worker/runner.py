@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import urllib3
+from minio.error import S3Error
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.jobs import (
@@ -25,6 +27,7 @@ from app.db.jobs import (
     add_event,
     add_status_event,
     finish_leased,
+    release_leased,
     renew_lease,
     succeed_leased,
     update_leased,
@@ -32,7 +35,7 @@ from app.db.jobs import (
 from app.db.models import Adaptation, AdaptationStatus, EventType, Model, new_id, utcnow
 from app.db.session import is_database_unavailable, transaction
 from app.settings import Settings
-from app.storage import ObjectStore, download_prefix, object_key, upload_directory
+from app.storage import ObjectStore, StorageError, download_prefix, object_key, upload_directory
 from app.validation import ImageLimits, InputError, check_images, images_in_directory, resolve_config
 from must_engine import AdaptCancelled, AdaptResult, BaseModelError, ConfigError, Progress, adapt
 
@@ -43,6 +46,11 @@ T = TypeVar("T")
 CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_WRITE_SECONDS = 1.0
 PROGRESS_EVENT_SECONDS = 10.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Infrastructure that is briefly unreachable, as opposed to a job that cannot succeed."""
+    return isinstance(exc, StorageError | urllib3.exceptions.HTTPError) or is_database_unavailable(exc)
 
 
 class LeaseLost(Exception):
@@ -60,7 +68,6 @@ class JobSpec:
     config_request: dict[str, Any]
     source_bucket: str
     source_prefix: str
-    attempt: int
 
     @property
     def checkpoint_key(self) -> str:
@@ -165,6 +172,13 @@ class AdaptationRunner:
                 self._fail(spec, exc.code, str(exc))
                 return f"failed: {exc.code}"
             except Exception as exc:
+                if is_transient(exc):
+                    # The object store or database is briefly away: give the job back for another attempt
+                    # (the sweeper re-sends it at once; max_attempts bounds the retries).
+                    reason = f"{type(exc).__name__}: {exc}"
+                    log.warning("adaptation %s: transient failure, releasing it: %s", spec.adaptation_id, reason)
+                    self._with_retry(lambda session: release_leased(session, spec.adaptation_id, self.owner, reason))
+                    return "released: transient failure"
                 log.exception("adaptation %s failed", spec.adaptation_id)
                 self._fail(spec, "training_failed", f"{type(exc).__name__}: {exc}")
                 return "failed: training_failed"
@@ -186,7 +200,6 @@ class AdaptationRunner:
                 config_request=dict(row.config_request),
                 source_bucket=row.source_bucket,
                 source_prefix=row.source_prefix,
-                attempt=row.attempts,
             )
 
     def _run_leased(self, spec: JobSpec, keeper: LeaseKeeper) -> str:
@@ -224,7 +237,14 @@ class AdaptationRunner:
     def _fetch_images(self, spec: JobSpec, root: Path) -> list[Path]:
         source = self.store.for_bucket(spec.source_bucket)
         downloaded = root / "source"
-        download_prefix(source, spec.source_prefix, downloaded)
+        try:
+            download_prefix(source, spec.source_prefix, downloaded)
+        except S3Error as exc:
+            if exc.code not in ("NoSuchBucket", "AccessDenied"):
+                raise
+            raise InputError(
+                "source_unavailable", f"cannot read bucket {spec.source_bucket!r}: {exc.code}", "source.bucket"
+            ) from exc
         limits = ImageLimits.from_settings(self.settings)
         images = images_in_directory(downloaded, root / "extracted", limits)
         check_images(images, limits)

@@ -179,6 +179,24 @@ def succeed_leased(session: Session, adaptation_id: str, owner: str, model: Mode
     return True
 
 
+def release_leased(session: Session, adaptation_id: str, owner: str, reason: str) -> bool:
+    """Give a job back after a transient failure: its lease ends now and the sweeper re-sends it."""
+    now = utcnow()
+    released = _rows_changed(
+        session,
+        update(Adaptation)
+        .where(
+            Adaptation.id == adaptation_id,
+            Adaptation.lease_owner == owner,
+            Adaptation.status.in_(LEASED_STATUSES),
+        )
+        .values(lease_expires_at=now, requeue_at=now),
+    )
+    if released:
+        add_event(session, adaptation_id, EventType.MESSAGE, f"released for another attempt: {reason}")
+    return released == 1
+
+
 def request_cancel(session: Session, adaptation_id: str) -> None:
     """Ask a job to stop. A job no worker holds is cancelled at once; a running one stops at its next poll."""
     now = utcnow()
@@ -238,8 +256,8 @@ def sweep(session: Session, *, max_attempts: int, requeue_after_seconds: float, 
         elif lost_worker and attempts >= max_attempts:
             final, code, message = (
                 AdaptationStatus.FAILED,
-                "worker_lost",
-                f"the worker was lost {attempts} times; giving up",
+                "attempts_exhausted",
+                f"gave up after {attempts} attempts (workers lost or infrastructure unavailable)",
             )
         else:
             if _rows_changed(

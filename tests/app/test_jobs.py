@@ -127,7 +127,7 @@ def test_sweeper_gives_up_after_max_attempts(session_factory: sessionmaker[Sessi
     with session_factory.begin() as session:
         assert job not in sweep(session, max_attempts=MAX_ATTEMPTS, requeue_after_seconds=60)
     row = _row(session_factory, job)
-    assert (row.status, row.error_code) == ("failed", "worker_lost")
+    assert (row.status, row.error_code) == ("failed", "attempts_exhausted")
     with session_factory() as session:
         types = [
             event.type

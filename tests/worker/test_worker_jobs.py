@@ -163,3 +163,22 @@ def test_events_are_per_adaptation(stack, team, other_team) -> None:
         )
     assert leaked == 0
     assert stack.client.get("/adaptations", headers=other_team.headers).json()["data"] == []
+
+
+def test_a_missing_source_bucket_fails_the_job(stack, team) -> None:
+    with stack.session_factory.begin() as session:
+        row = Adaptation(
+            team_id=team.id,
+            request_sha256="0" * 64,
+            class_names=["a", "b"],
+            base_model=stack.base_model,
+            config_request={},
+            source_bucket="no-such-bucket-here",
+            source_prefix="",
+        )
+        session.add(row)
+        session.flush()
+        adaptation_id = row.id
+    enqueue_adaptation(stack.celery, adaptation_id)
+    done = stack.wait_final(team, adaptation_id, timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "source_unavailable"
