@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -10,6 +9,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from app.api.deps import CurrentTeam, ServicesDep, SessionDep
+from app.api.pagination import MAX_PAGE_SIZE, newest_first
 from app.db.jobs import request_cancel
 from app.db.models import FINAL_STATUSES
 from app.db.models import Adaptation as AdaptationRow
@@ -21,8 +21,6 @@ from app.uploads import media_type
 
 router = APIRouter(prefix="/adaptations", tags=["adaptations"])
 
-MAX_PAGE_SIZE = 100
-_ADAPTATION_ID = re.compile(r"^ada_[0-9a-f]{28}$")
 
 _MULTIPART_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -91,12 +89,8 @@ def list_adaptations(
 ) -> AdaptationList:
     """The team's adaptations, newest first."""
     query = select(AdaptationRow).where(AdaptationRow.team_id == team.id)
-    if after is not None:
-        if not _ADAPTATION_ID.match(after):
-            raise ApiError(400, "invalid_cursor", "after must be an adaptation id", "after")
-        query = query.where(AdaptationRow.id < after)
-    rows = session.scalars(query.order_by(AdaptationRow.id.desc()).limit(limit + 1)).all()
-    return AdaptationList(data=[Adaptation.from_row(row) for row in rows[:limit]], has_more=len(rows) > limit)
+    rows, has_more = newest_first(session, query, AdaptationRow.id, id_prefix="ada", after=after, limit=limit)
+    return AdaptationList(data=[Adaptation.from_row(row) for row in rows], has_more=has_more)
 
 
 @router.get("/{adaptation_id}", response_model=Adaptation)

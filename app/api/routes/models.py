@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import zipfile
 from datetime import timedelta
@@ -16,7 +15,7 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from app.api.deps import CurrentTeam, ServicesDep, SessionDep
-from app.api.routes.adaptations import MAX_PAGE_SIZE
+from app.api.pagination import MAX_PAGE_SIZE, newest_first
 from app.db.models import Model as ModelRow
 from app.db.models import utcnow
 from app.errors import ApiError, not_found
@@ -26,7 +25,6 @@ from app.storage import ObjectStore
 router = APIRouter(prefix="/models", tags=["models"])
 
 PRESIGNED_URL_LIFETIME = timedelta(minutes=15)
-_MODEL_ID = re.compile(r"^mdl_[0-9a-f]{28}$")
 
 
 def owned_model(session: SessionDep, team: CurrentTeam, model_id: str) -> ModelRow:
@@ -45,12 +43,8 @@ def list_models(
 ) -> ModelList:
     """The team's models, newest first."""
     query = select(ModelRow).where(ModelRow.team_id == team.id)
-    if after is not None:
-        if not _MODEL_ID.match(after):
-            raise ApiError(400, "invalid_cursor", "after must be a model id", "after")
-        query = query.where(ModelRow.id < after)
-    rows = session.scalars(query.order_by(ModelRow.id.desc()).limit(limit + 1)).all()
-    return ModelList(data=[Model.from_row(row) for row in rows[:limit]], has_more=len(rows) > limit)
+    rows, has_more = newest_first(session, query, ModelRow.id, id_prefix="mdl", after=after, limit=limit)
+    return ModelList(data=[Model.from_row(row) for row in rows], has_more=has_more)
 
 
 @router.get("/{model_id}", response_model=Model)
