@@ -12,10 +12,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import ApiError, error_response
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
     """ASGI middleware: refuse bodies over the route's limit, by Content-Length or while streaming.
 
@@ -33,8 +29,9 @@ class BodySizeLimit:
             return
         limit = self.limit_for_path(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
+        message = f"the request body exceeds {limit} bytes"
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(limit)(scope, receive, send)
+            await error_response(413, "request_too_large", message)(scope, receive, send)
             return
         received = 0
 
@@ -44,14 +41,10 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise ApiError(413, "request_too_large", f"the request body exceeds {limit} bytes")
+                    raise ApiError(413, "request_too_large", message)
             return message
 
         await self.app(scope, counting_receive, send)
-
-
-def _too_large(limit: int) -> ASGIApp:
-    return error_response(413, "request_too_large", f"the request body exceeds {limit} bytes")
 
 
 class RateLimiter:

@@ -45,10 +45,6 @@ def object_key(*parts: str) -> str:
     return "/".join(parts)
 
 
-def team_prefix(team_id: str) -> str:
-    return object_key("teams", team_id) + "/"
-
-
 def check_source_prefix(prefix: str) -> str:
     """Validate a client-supplied prefix inside a source bucket; returns it with a trailing slash."""
     if len(prefix) > 1024 or prefix.startswith("/") or "\\" in prefix:
