@@ -29,9 +29,9 @@ class BodySizeLimit:
             return
         limit = self.limit_for_path(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
-        message = f"the request body exceeds {limit} bytes"
+        refusal = f"the request body exceeds {limit} bytes"
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await error_response(413, "request_too_large", message)(scope, receive, send)
+            await error_response(413, "request_too_large", refusal)(scope, receive, send)
             return
         received = 0
 
@@ -41,7 +41,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise ApiError(413, "request_too_large", message)
+                    raise ApiError(413, "request_too_large", refusal)
             return message
 
         await self.app(scope, counting_receive, send)
