@@ -25,6 +25,7 @@ from perf_common import (
     median,
     peak_memory_gib,
     print_table,
+    rate,
     reset_peak_memory,
     time_calls,
 )
@@ -83,8 +84,8 @@ def main() -> None:
 
             jpeg_s = median(time_calls(from_bytes, device, warmup=args.warmup, repeats=args.iters, wall_clock=True))
         rows.append([
-            str(batch), f"{batch / tensor_s:.1f}", f"{tensor_s * 1e3:.1f}",
-            fmt(None if jpeg_s is None else batch / jpeg_s), fmt(None if jpeg_s is None else jpeg_s * 1e3),
+            str(batch), rate(batch / tensor_s), f"{tensor_s * 1e3:.1f}",
+            rate(None if jpeg_s is None else batch / jpeg_s), fmt(None if jpeg_s is None else jpeg_s * 1e3),
             fmt(peak_memory_gib(device), ".2f"),
         ])
     print_table(["batch", "tensors images/s", "tensors ms/batch", "JPEG images/s", "JPEG ms/batch", "peak GiB"], rows)

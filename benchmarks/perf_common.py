@@ -22,6 +22,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,9 +86,13 @@ def image_size(classifier: ImageClassifier) -> int:
 
 
 def forward_flops_per_image(classifier: ImageClassifier, device: torch.device) -> float:
-    """FLOPs of one classifier forward on one image (matmuls, convolutions, attention), fp32."""
+    """FLOPs of one classifier forward on one image (matmuls, convolutions, attention), fp32.
+
+    Attention runs on SDPA's math backend here because FlopCounterMode counts no FLOPs for the CPU flash
+    kernel (checked with torch 2.14): the count must not depend on the device or the attention kernel.
+    """
     size = image_size(classifier)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         classifier(torch.zeros(1, 3, size, size, device=device))
     return float(counter.get_total_flops())
 
@@ -253,6 +258,13 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 def fmt(value: float | None, spec: str = ".1f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def rate(value: float | None) -> str:
+    """Images/s: one decimal from 10 up, three significant digits below (CPU runs of big models)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from perf_common import (
     CLIP_MEAN,
@@ -31,6 +32,7 @@ from perf_common import (
     median,
     peak_memory_gib,
     print_table,
+    rate,
     reset_peak_memory,
     step_config,
     time_calls,
@@ -39,7 +41,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from must_engine.config import MustConfig
 from must_engine.data import ResumableSampler, TwoViewDataset
-from must_engine.images import find_images
+from must_engine.images import find_images, open_image
 from must_engine.masking import MaskGenerator
 
 DTD = Path("/work/shared/datasets/dtd10")
@@ -72,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--loader-only", action="store_true", help="skip the phases with a training step")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of the main process (0 = torch default)")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="also time each per-image stage (decode, weak, strong, mask) over N images, in-process")
     return parser.parse_args()
 
 
@@ -89,6 +93,27 @@ def make_loader(args: argparse.Namespace, size: int, patch: int, mask_patch: int
     )
     return DataLoader(dataset, batch_size=args.batch, sampler=Epochs(len(paths), config.seed), drop_last=True,
                       num_workers=args.num_workers, pin_memory=device.type == "cuda")
+
+
+def stage_breakdown(dataset: TwoViewDataset, count: int) -> list[list[str]]:
+    """Milliseconds per image of each stage of TwoViewDataset.__getitem__, in this process, one thread."""
+    names = ("decode (open_image)", "weak view", "strong view (RandAugment)", "mask")
+    totals = dict.fromkeys(names, 0.0)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        ticks = [time.perf_counter()]
+        image = open_image(dataset.paths[index % len(dataset.paths)], draft_size=2 * dataset.size)
+        ticks.append(time.perf_counter())
+        dataset.weak(image)
+        ticks.append(time.perf_counter())
+        dataset.strong(image)
+        ticks.append(time.perf_counter())
+        if dataset.mask_generator is not None:
+            dataset.mask_generator(rng)
+        ticks.append(time.perf_counter())
+        for name, (before, after) in zip(names, itertools.pairwise(ticks), strict=True):
+            totals[name] += after - before
+    return [[name, f"{seconds / count * 1e3:.2f}"] for name, seconds in totals.items()]
 
 
 def timed_batches(batches: Iterator[list[torch.Tensor]], count: int,
@@ -122,6 +147,8 @@ def main() -> None:
 
     rows = []
     loader = make_loader(args, size, patch, mask_patch, device)
+    if args.breakdown:
+        print_table(["stage (per image, main process)", "ms"], stage_breakdown(loader.dataset, args.breakdown))
     tick = time.perf_counter()
     batches = iter(loader)
     next(batches)
@@ -129,7 +156,7 @@ def main() -> None:
     rows.append(["loader start (workers + first batch)", "-", f"{startup * 1e3:.0f}", "paid once per epoch by adapt"])
     timed_batches(batches, args.warmup)
     seconds = timed_batches(batches, args.batches)
-    rows.append(["loader alone", f"{args.batch * args.batches / seconds:.1f}",
+    rows.append(["loader alone", rate(args.batch * args.batches / seconds),
                  f"{seconds / args.batches * 1e3:.1f}", "decode + weak + strong views + mask"])
     del batches
 
@@ -143,12 +170,12 @@ def main() -> None:
         batches = iter(loader)
         timed_batches(batches, args.warmup, train_on)
         seconds = timed_batches(batches, args.batches, train_on)
-        rows.append(["loader + MUST step", f"{args.batch * args.batches / seconds:.1f}",
+        rows.append(["loader + MUST step", rate(args.batch * args.batches / seconds),
                      f"{seconds / args.batches * 1e3:.1f}", f"peak GPU GiB {fmt(peak_memory_gib(device), '.2f')}"])
         cached = [tensor.to(device) for tensor in next(batches)]
         del batches
         times = time_calls(lambda: step(*cached), device, warmup=1, repeats=args.batches)
-        rows.append(["MUST step alone (one cached batch)", f"{args.batch / median(times):.1f}",
+        rows.append(["MUST step alone (one cached batch)", rate(args.batch / median(times)),
                      f"{median(times) * 1e3:.1f}", "median"])
     print_table(["phase", "images/s", "ms/batch", "note"], rows)
 

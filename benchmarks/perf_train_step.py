@@ -26,6 +26,7 @@ from perf_common import (
     peak_memory_gib,
     print_table,
     random_batch,
+    rate,
     reset_peak_memory,
     step_config,
     synchronize,
@@ -129,6 +130,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.find_max_batch and device.type != "cuda":
+        raise SystemExit("--find-max-batch needs a CUDA device")
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -148,12 +151,12 @@ def main() -> None:
     rows = []
     for name, (times, peak, warm_s) in results.items():
         seconds = median(times)
-        rate = args.batch / seconds
-        achieved = rate * step_flops / 1e12
+        images_per_s = args.batch / seconds
+        achieved = images_per_s * step_flops / 1e12
         rows.append([
-            name, str(args.batch), f"{rate:.1f}", f"{seconds * 1e3:.1f}", fmt(peak, ".2f"),
+            name, str(args.batch), rate(images_per_s), f"{seconds * 1e3:.1f}", fmt(peak, ".2f"),
             f"{achieved:.4g}", f"{100 * achieved / args.peak_tflops:.3g}%",
-            f"{rate / baseline:.2f}x" if baseline else "n/a", f"{warm_s:.1f}",
+            f"{images_per_s / baseline:.2f}x" if baseline else "n/a", f"{warm_s:.1f}",
         ])
     print_table(["variant", "batch", "images/s", "ms/step (median)", "peak GiB", "TFLOP/s", "MFU",
                  "vs fp32-eager", "warm-up s"], rows)
@@ -163,8 +166,6 @@ def main() -> None:
         free(device)
 
     if args.find_max_batch:
-        if device.type != "cuda":
-            raise SystemExit("--find-max-batch needs a CUDA device")
         print_table(["variant", "largest batch that fits"],
                     [[name, str(find_max_batch(args, name, device))] for name in names])
 
