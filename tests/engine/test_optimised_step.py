@@ -11,8 +11,10 @@ The CUDA kernels themselves (fused AdamW, flash attention, bf16 matmuls) need a 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -67,6 +69,17 @@ def test_compiled_adapt_matches_eager(tiny_base_model: str, dtd_subset: Path, tm
         assert difference <= 1e-2 * update, f"{name}: compiled differs by {difference / update:.2e} of the update"
 
 
+def _perf_common() -> ModuleType:
+    """benchmarks/perf_common.py, loaded by path (benchmarks/ is a folder of scripts, not a package)."""
+    if "perf_common" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("perf_common", BENCHMARKS / "perf_common.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["perf_common"] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules["perf_common"]
+
+
 def _flat_update(step: object, start: dict[str, torch.Tensor]) -> torch.Tensor:
     state = step.student.state_dict()  # type: ignore[attr-defined]
     return torch.cat([(_comparable(k, state[k]) - _comparable(k, start[k])).flatten() for k in start])
@@ -74,18 +87,17 @@ def _flat_update(step: object, start: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def test_bf16_fused_step_matches_fp32_step(tiny_base_model: str) -> None:
     """The benchmark's step: bf16 autocast + fused AdamW vs fp32 + for-loop AdamW, two steps, same start."""
-    sys.path.insert(0, str(BENCHMARKS))
-    from perf_common import VARIANTS, MustStep, build_classifier, random_batch, step_config
+    perf = _perf_common()
 
     config_file = Path(tiny_base_model.removeprefix("local-dir:")) / "open_clip_config.json"
-    classifier = build_classifier(str(config_file), num_classes=len(CLASSES))
-    config = step_config(classifier, batch=8, base_lr=0.02)
+    classifier = perf.build_classifier(str(config_file), num_classes=len(CLASSES))
+    config = perf.step_config(classifier, batch=8, base_lr=0.02)
     device = torch.device("cpu")
-    weak, strong, mask = random_batch(config, int(classifier.visual.patch_size[0]), device)
+    weak, strong, mask = perf.random_batch(config, int(classifier.visual.patch_size[0]), device)
 
     runs = {}
     for name, fused in (("fp32-eager", False), ("bf16-eager", True)):
-        step = MustStep(classifier, config, device, VARIANTS[name], fused=fused)
+        step = perf.MustStep(classifier, config, device, perf.VARIANTS[name], fused=fused)
         start = {k: v.clone() for k, v in step.student.state_dict().items()}
         losses = [float(step(weak, strong, mask)) for _ in range(2)]
         runs[name] = losses, _flat_update(step, start)
