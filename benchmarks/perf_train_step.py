@@ -146,10 +146,21 @@ def main() -> None:
     print(f"# forward {flops_fwd / 1e9:.4g} GFLOP/image (FlopCounterMode), step counted as "
           f"{FORWARDS_PER_IMAGE} forwards = {step_flops / 1e9:.4g} GFLOP/image; MFU vs {args.peak_tflops:g} TFLOP/s")
 
-    results = {name: run_variant(args, name, args.batch, device, args.steps, args.warmup) for name in names}
-    baseline = args.batch / median(results["fp32-eager"][0]) if "fp32-eager" in results else None
+    results: dict[str, tuple[list[float], float | None, float] | None] = {}
+    for name in names:
+        try:
+            results[name] = run_variant(args, name, args.batch, device, args.steps, args.warmup)
+        except torch.OutOfMemoryError:
+            results[name] = None
+        free(device)  # after the handler, so a failed variant's memory is released before the next one
+    fp32 = results.get("fp32-eager")
+    baseline = args.batch / median(fp32[0]) if fp32 else None
     rows = []
-    for name, (times, peak, warm_s) in results.items():
+    for name, result in results.items():
+        if result is None:
+            rows.append([name, str(args.batch), "out of memory", *["-"] * 6])
+            continue
+        times, peak, warm_s = result
         seconds = median(times)
         images_per_s = args.batch / seconds
         achieved = images_per_s * step_flops / 1e12
