@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Adaptation, PendingUpload
@@ -173,3 +173,20 @@ def test_active_job_limit_answers_429(make_client, team, upload) -> None:
         first = limited.get("/adaptations", headers=team.headers).json()["data"][0]["id"]
         limited.post(f"/adaptations/{first}/cancel", headers=team.headers)
         assert upload(team, count=8, via=limited).status_code == 202
+
+
+def test_concurrent_requests_with_one_idempotency_key_create_one_adaptation(
+    client: TestClient, team, upload, store: ObjectStore, session_factory: sessionmaker[Session]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: upload(team, count=8, headers={"Idempotency-Key": "race"}), range(4)))
+    assert {response.status_code for response in responses} == {202}
+    ids = {response.json()["id"] for response in responses}
+    assert len(ids) == 1
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Adaptation).where(Adaptation.team_id == team.id)) == 1
+        assert session.scalars(select(PendingUpload.prefix).where(PendingUpload.prefix.contains(team.id))).all() == []
+    prefixes = {info.key.split("/upload/")[0] for info in store.list(f"teams/{team.id}/")}
+    assert prefixes == {f"teams/{team.id}/adaptations/{ids.pop()}"}, "the losers' uploads were deleted"
