@@ -38,7 +38,8 @@ DTD = Path("/work/shared/datasets/dtd10")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture, or a model-config JSON file")
+    parser.add_argument("--arch", default="ViT-B-16",
+                        help="open_clip architecture, tiny, tiny-224, or a model-config JSON file")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size (median reported)")
     parser.add_argument("--warmup", type=int, default=3)

@@ -37,6 +37,17 @@ from must_engine.models import ImageClassifier, MustModel  # noqa: E402
 from must_engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from must_engine.train import _Meter  # noqa: E402
 
+# Tiny random-weight ViTs for proving the scripts on a CPU: `--arch tiny` is the engine tests' model
+# (tests/engine/conftest.py), `--arch tiny-224` the same at 224 px with 32 px patches, so that image
+# decoding and preprocessing run at full size while the model costs almost nothing.
+_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+TINY_CONFIGS: dict[str, dict] = {
+    "tiny": {"embed_dim": 32, "text_cfg": _TEXT,
+             "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}},
+    "tiny-224": {"embed_dim": 32, "text_cfg": _TEXT,
+                 "vision_cfg": {"image_size": 224, "patch_size": 32, "width": 32, "layers": 2, "head_width": 16}},
+}
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -64,12 +75,14 @@ VARIANTS: dict[str, Variant] = {
 def build_classifier(arch: str, num_classes: int, seed: int = 0) -> ImageClassifier:
     """An ImageClassifier with random weights: cost equals the real model's, no download needed.
 
-    `arch` is an open_clip architecture name, or a JSON file holding a model config (either open_clip's
-    `open_clip_config.json` layout with a `model_cfg` key, or a bare model config) for tiny CPU runs.
+    `arch` is an open_clip architecture name, a name in TINY_CONFIGS, or a JSON file holding a model config
+    (open_clip's `open_clip_config.json` layout with a `model_cfg` key, or a bare model config).
     """
     torch.manual_seed(seed)
     path = Path(arch)
-    if path.suffix == ".json" and path.is_file():
+    if arch in TINY_CONFIGS:
+        model = open_clip.CLIP(**TINY_CONFIGS[arch])
+    elif path.suffix == ".json" and path.is_file():
         cfg = json.loads(path.read_text())
         cfg = cfg.get("model_cfg", cfg)
         model = open_clip.CLIP(**cfg)

@@ -61,7 +61,8 @@ class Epochs(Sampler[tuple[int, int]]):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DTD, help="folder of images (read-only, never copied)")
-    parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture, or a model-config JSON file")
+    parser.add_argument("--arch", default="ViT-B-16",
+                        help="open_clip architecture, tiny, tiny-224, or a model-config JSON file")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="loader processes (the engine's default: min(8, cpu count))")

@@ -39,7 +39,8 @@ FORWARDS_PER_IMAGE = 4  # teacher forward + student forward + student backward (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture, or a model-config JSON file")
+    parser.add_argument("--arch", default="ViT-B-16",
+                        help="open_clip architecture, tiny, tiny-224, or a model-config JSON file")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
