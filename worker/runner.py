@@ -53,6 +53,18 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, StorageError | urllib3.exceptions.HTTPError) or is_database_unavailable(exc)
 
 
+def failure_summary(exc: BaseException) -> str:
+    """One line for the job's error; the worker log keeps the traceback.
+
+    Errors re-raised from DataLoader processes carry the original traceback in their message; its last
+    line names the original error.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 class LeaseLost(Exception):
     """Another worker owns the job now; this one must stop without touching the row."""
 
@@ -180,7 +192,7 @@ class AdaptationRunner:
                     self._with_retry(lambda session: release_leased(session, spec.adaptation_id, self.owner, reason))
                     return "released: transient failure"
                 log.exception("adaptation %s failed", spec.adaptation_id)
-                self._fail(spec, "training_failed", f"{type(exc).__name__}: {exc}")
+                self._fail(spec, "training_failed", failure_summary(exc))
                 return "failed: training_failed"
 
     def _lease(self) -> JobSpec | None:

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 MUST = str(Path(sys.executable).with_name("must"))
-TINY_CONFIG = {"epochs": 1, "batch_size": 8, "num_workers": 0, "checkpoint_every": 1, "log_every": 1}
 
 
 def _environment() -> dict[str, str]:
@@ -63,7 +62,9 @@ def server(workdir: Path, unused_port: int) -> Iterator[str]:
             log.close()
 
 
-def test_embedded_service_adapts_and_classifies(server: str, workdir: Path, dtd_images, base_model: str) -> None:
+def test_embedded_service_adapts_and_classifies(
+    server: str, workdir: Path, dtd_images, base_model: str, tiny_config: dict
+) -> None:
     created = subprocess.run(
         [MUST, "admin", "create-team", "embedded-team"],
         cwd=workdir,
@@ -84,7 +85,7 @@ def test_embedded_service_adapts_and_classifies(server: str, workdir: Path, dtd_
             data={
                 "class_names": json.dumps(["banded", "blotchy"]),
                 "base_model": base_model,
-                "config": json.dumps(TINY_CONFIG),
+                "config": json.dumps(tiny_config),
             },
             files={"images": ("textures.zip", dtd_images.zip(dtd_images.paths(16)), "application/zip")},
         )

@@ -60,8 +60,8 @@ def test_duplicate_deliveries_run_the_job_once(stack, team, dtd_images) -> None:
     assert _statuses(stack.events(team, created["id"])) == ["queued", "validating", "running", "succeeded"]
 
 
-def test_cancel_stops_a_running_job_within_seconds(stack, team, dtd_images) -> None:
-    long_job = {"epochs": 200, "batch_size": 8, "num_workers": 0, "checkpoint_every": 5, "log_every": 1}
+def test_cancel_stops_a_running_job_within_seconds(stack, team, dtd_images, tiny_config) -> None:
+    long_job = {**tiny_config, "epochs": 200, "checkpoint_every": 5}
     created = stack.submit(team, dtd_images.zip(dtd_images.paths(16)), config=long_job)
     stack.wait_for(team, created["id"], lambda body: body["status"] == "running" and body["progress"]["step"] > 0)
     asked = time.monotonic()
@@ -75,10 +75,12 @@ def test_cancel_stops_a_running_job_within_seconds(stack, team, dtd_images) -> N
     assert stack.store.list(f"teams/{team.id}/adaptations/{created['id']}/checkpoint/") == []
 
 
-def test_lost_worker_job_is_swept_and_resumes_from_its_checkpoint(stack, team, dtd_images, tmp_path) -> None:
+def test_lost_worker_job_is_swept_and_resumes_from_its_checkpoint(
+    stack, team, dtd_images, tmp_path, tiny_config
+) -> None:
     """A job whose worker vanished (lease expired) is re-sent by the sweeper and resumes, not restarts."""
     paths = dtd_images.paths(16)
-    config = {"epochs": 2, "batch_size": 8, "num_workers": 0, "checkpoint_every": 1, "log_every": 1}
+    config = {**tiny_config, "epochs": 2}
     created = stack.submit(team, dtd_images.zip(paths), config=config)
     stack.wait_final(team, created["id"])  # let the first run finish, then replay a crash after step 1:
     names = ["banded", "blotchy"]
@@ -121,7 +123,7 @@ def test_lost_worker_job_is_swept_and_resumes_from_its_checkpoint(stack, team, d
     assert any("attempt 2" in message and "resuming" in message for message in messages)
 
 
-def test_source_bucket_job_validates_in_the_worker(stack, team, dtd_images, source_bucket: str) -> None:
+def test_source_bucket_job_validates_in_the_worker(stack, team, dtd_images, source_bucket: str, tiny_config) -> None:
     source = stack.store.for_bucket(source_bucket)
     good, bad = f"{team.id}/good/", f"{team.id}/bad/"
     for index, path in enumerate(dtd_images.paths(16)):
@@ -134,7 +136,7 @@ def test_source_bucket_job_validates_in_the_worker(stack, team, dtd_images, sour
             "class_names": ["banded", "blotchy"],
             "base_model": stack.base_model,
             "source": {"bucket": source_bucket, "prefix": prefix},
-            "config": {"epochs": 1, "batch_size": 8, "num_workers": 0},
+            "config": tiny_config,
         }
         response = stack.client.post("/adaptations", headers=team.headers, json=body)
         assert response.status_code == 202, response.text
