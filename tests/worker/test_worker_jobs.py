@@ -184,3 +184,14 @@ def test_a_missing_source_bucket_fails_the_job(stack, team) -> None:
     enqueue_adaptation(stack.celery, adaptation_id)
     done = stack.wait_final(team, adaptation_id, timeout=60)
     assert done["status"] == "failed" and done["error"]["code"] == "source_unavailable"
+
+
+def test_failure_summary_is_one_line() -> None:
+    from worker.runner import failure_summary
+
+    assert failure_summary(ValueError("bad value")) == "ValueError: bad value"
+    assert failure_summary(RuntimeError()) == "RuntimeError"
+    loader_error = ValueError(
+        "Caught ValueError in DataLoader worker process 1.\nTraceback...\n  File x\nValueError: bits"
+    )
+    assert failure_summary(loader_error) == "ValueError: bits"
