@@ -31,7 +31,6 @@ class UploadedFile:
     field: str
     filename: str  # the client's name, for display only; never part of a path or key
     path: Path
-    size: int = 0
     sha256: str = ""
 
 
@@ -139,7 +138,6 @@ class _StreamingParser:
         assert self._sink is not None
         self._sink.write(chunk)
         self._hash.update(chunk)
-        self._file.size += len(chunk)
 
     def on_part_end(self) -> None:
         if self._file is None:
