@@ -1,15 +1,14 @@
 """Shared pieces of the perf_* benchmarks: random-weight models, the MUST step, precision variants, timing.
 
-The step is assembled from the engine's own modules (MustModel, EmaTeacher, the four losses,
-build_optimizer/build_scheduler, MaskGenerator) and follows the body of the loop in
-`must_engine.train.adapt` line for line, so that a figure measured here is the engine's cost and a
-change to those modules shows up here. Only the loop body is restated, because `adapt` keeps it inline.
+The step is the engine's own `must_engine.train.MustStep`, the object `adapt` repeats, so a figure
+measured here is the engine's cost and a change to the engine shows up here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,12 +29,9 @@ if str(REPO) not in sys.path:  # import the working tree's engine, also when run
     sys.path.insert(0, str(REPO))
 
 from must_engine.config import MustConfig  # noqa: E402
-from must_engine.ema import EmaTeacher, ema_decay  # noqa: E402
-from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss  # noqa: E402
 from must_engine.masking import MaskGenerator  # noqa: E402
 from must_engine.models import ImageClassifier, MustModel  # noqa: E402
-from must_engine.optim import build_optimizer, build_scheduler  # noqa: E402
-from must_engine.train import _Meter  # noqa: E402
+from must_engine.train import MustStep as EngineMustStep  # noqa: E402
 
 # Tiny random-weight ViTs for proving the scripts on a CPU: `--arch tiny` is the engine tests' model
 # (tests/engine/conftest.py), `--arch tiny-224` the same at 224 px with 32 px patches, so that image
@@ -148,78 +144,32 @@ def random_batch(
 
 
 class MustStep:
-    """One MUST optimizer step of `must_engine.train.adapt` (accumulation 1), built from engine modules.
+    """The engine's own MUST step (`must_engine.train.MustStep`, accumulation 1) under a precision variant.
 
-    Teacher forward on the weak view, student forward_masked + backward on the masked strong view,
-    self-training + fairness + MIM + alignment losses, the finiteness check and the training meter
-    (both synchronise with the GPU, as in the engine), AdamW step, scheduler step, EMA update.
-    `compile` wraps the student's forward_masked and the teacher's forward in torch.compile; `fused`
-    picks fused AdamW (default: on CUDA only, as the engine does).
+    `compile` turns on the engine's torch.compile of the student's forward_masked and the teacher's
+    forward; `fused` picks fused AdamW (default: on CUDA only, as the engine does).
     """
 
     def __init__(self, classifier: ImageClassifier, config: MustConfig, device: torch.device,
-                 variant: Variant, *, meter: bool = True, fused: bool | None = None, seed: int = 0) -> None:
-        self.config, self.device, self.variant, self.use_meter = config, device, variant, meter
+                 variant: Variant, *, fused: bool | None = None, seed: int = 0) -> None:
         torch.manual_seed(seed)  # MustModel draws [MSK], patch norm and decoder: same start for every variant
         self.student = MustModel(copy.deepcopy(classifier)).to(device)
-        self.teacher = EmaTeacher(self.student)
-        num_layers = len(self.student.classifier.visual.transformer.resblocks)
-        fused = device.type == "cuda" if fused is None else fused  # None: the engine's choice
-        self.optimizer = build_optimizer(self.student, config, num_layers, fused=fused)
-        self.scheduler = build_scheduler(self.optimizer, config, total_steps=1_000_000)
-        self.fair_moving = config.fair_mode == "moving_average" or (
-            config.fair_mode == "auto" and self.student.classifier.num_classes > config.batch_size
+        self.variant = variant
+        self.engine_step = EngineMustStep(
+            self.student, dataclasses.replace(config, compile=variant.compile), total_steps=1_000_000,
+            device=device, autocast_dtype=variant.dtype, fused=fused,
+            fair_moving=config.fair_mode == "moving_average"
+            or (config.fair_mode == "auto" and self.student.classifier.num_classes > config.batch_size),
         )
-        self.fair_running: torch.Tensor | None = None
-        self.forward_masked: Callable = self.student.forward_masked
-        self.teacher_forward: Callable = self.teacher.module
-        if variant.compile:
-            self.forward_masked = torch.compile(self.student.forward_masked)
-            self.teacher_forward = torch.compile(self.teacher.module)
-        self.meter = _Meter()
         self.step_index = 0
         self.student.train()
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.variant.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.variant.dtype)
-
     def __call__(self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Run one step; returns the (detached) total loss."""
-        config, student = self.config, self.student
-        decay = ema_decay(self.step_index, config.ema_init, config.ema_final, config.ema_warmup)
+        """Run one optimizer step; returns the (detached) total loss."""
         with precision(self.variant):
-            with torch.no_grad(), self._autocast():
-                teacher_probs = F.softmax(self.teacher_forward(weak).float(), dim=-1)
-            with self._autocast():
-                out = self.forward_masked(strong, mask)
-                logits = out.logits
-                loss_st, confident = self_training_loss(logits, teacher_probs, config.tau)
-                probs = F.softmax(logits.float(), dim=-1)
-                loss_fair, self.fair_running = fairness_loss(
-                    probs.mean(dim=0), self.fair_running if self.fair_moving else None,
-                    config.fair_momentum if self.fair_moving else 0.0,
-                )
-                parts = {"loss_st": loss_st, "loss_fair": loss_fair}
-                parts["loss_mim"] = mim_loss(out.reconstruction, strong, mask, student.patch_size)
-                parts["loss_align"] = align_loss(out.cls_embedding, out.patch_embeddings, mask,
-                                                 target=config.align_target, k=config.align_k)
-                loss = (loss_st + config.w_fair * loss_fair + config.w_mim * parts["loss_mim"]
-                        + config.w_align * parts["loss_align"])
-            if self.use_meter:
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss: {parts}")
-                loss.backward()
-                self.meter.add_micro_batch(parts, loss, teacher_probs, probs, confident, config.tau)
-            else:
-                loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.teacher.update(decay)
+            loss = self.engine_step(self.step_index, iter([(weak, strong, mask)]), accumulation=1)
         self.step_index += 1
-        return loss.detach()
+        return loss
 
 
 def synchronize(device: torch.device) -> None:

@@ -50,8 +50,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=1000, help="head size (ImageNet: 1000)")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="MFU denominator: dense bf16 peak (H100/H200 SXM: ~790 TFLOP/s)")
-    parser.add_argument("--no-meter", action="store_true",
-                        help="skip the engine's per-step finiteness check and metrics (GPU syncs)")
     parser.add_argument("--find-max-batch", action="store_true",
                         help="GPU only: per variant, double the batch from --batch until out of memory")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -74,7 +72,7 @@ def _measure(args: argparse.Namespace, name: str, batch: int, device: torch.devi
     classifier = build_classifier(args.arch, args.classes)
     config = step_config(classifier, batch)
     reset_peak_memory(device)
-    step = MustStep(classifier, config, device, VARIANTS[name], meter=not args.no_meter)
+    step = MustStep(classifier, config, device, VARIANTS[name])
     weak, strong, mask = random_batch(config, step.student.patch_size, device)
 
     def run() -> None:
@@ -91,7 +89,7 @@ def profile_step(args: argparse.Namespace, name: str, device: torch.device, top:
     """torch.profiler table of one warm step: where the time goes (self time, so the rows add up)."""
     classifier = build_classifier(args.arch, args.classes)
     config = step_config(classifier, args.batch)
-    step = MustStep(classifier, config, device, VARIANTS[name], meter=not args.no_meter)
+    step = MustStep(classifier, config, device, VARIANTS[name])
     weak, strong, mask = random_batch(config, step.student.patch_size, device)
     time_calls(lambda: step(weak, strong, mask), device, warmup=max(1, args.warmup), repeats=0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -143,7 +141,7 @@ def main() -> None:
     del classifier
     step_flops = FORWARDS_PER_IMAGE * flops_fwd
     print(f"# MUST step: {args.arch}, batch {args.batch}, {describe_device(device)}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, meter {'off' if args.no_meter else 'on'}")
+          f"{args.steps} timed steps after {args.warmup} warm-up")
     print(f"# forward {flops_fwd / 1e9:.4g} GFLOP/image (FlopCounterMode), step counted as "
           f"{FORWARDS_PER_IMAGE} forwards = {step_flops / 1e9:.4g} GFLOP/image; MFU vs {args.peak_tflops:g} TFLOP/s")
 

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from PIL import Image
-from timm.data.auto_augment import rand_augment_transform
+from PIL import Image, ImageOps
+from timm.data.auto_augment import RandAugment, rand_augment_transform
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+
+
+def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
+    """timm's posterize, but defined at 0 bits (a black image, as Pillow < 13 gave) instead of raising.
+
+    The reference policy (rand-m9-mstd0.5-inc1) reaches 0 bits whenever the sampled magnitude hits 10.
+    """
+    if bits <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, min(bits, 8))
+
+
+def rand_augment(policy: str, size: int, fill: tuple[int, ...]) -> RandAugment:
+    transform = rand_augment_transform(policy, {"translate_const": int(size * 0.45), "img_mean": fill})
+    for op in transform.ops:
+        if op.aug_fn.__name__ == "posterize":
+            op.aug_fn = _posterize
+    return transform
 
 
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> T.Compose:
@@ -32,7 +51,7 @@ def strong_transform(
     return T.Compose([
         T.RandomResizedCrop(size, scale=(scale_min, 1.0), interpolation=InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
-        rand_augment_transform(randaugment, {"translate_const": int(size * 0.45), "img_mean": fill}),
+        rand_augment(randaugment, size, fill),
         _normalize(mean, std),
     ])
 

@@ -93,19 +93,26 @@ class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
-    """Yields (epoch, index) keys of a seeded per-epoch permutation, starting at a given offset."""
+    """(epoch, index) keys for the rest of a run, starting `start` images into the run.
 
-    def __init__(self, num_items: int, *, seed: int, epoch: int, start: int = 0) -> None:
+    Each epoch is a seeded permutation truncated to `per_epoch` images (the last partial batch is
+    dropped), so one DataLoader (and one set of workers) serves every epoch.
+    """
+
+    def __init__(self, num_items: int, *, seed: int, epochs: int, per_epoch: int, start: int = 0) -> None:
         self.num_items = num_items
         self.seed = seed
-        self.epoch = epoch
+        self.epochs = epochs
+        self.per_epoch = per_epoch
         self.start = start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
-        for index in order[self.start :]:
-            yield self.epoch, index
+        first_epoch, offset = divmod(self.start, self.per_epoch)
+        for epoch in range(first_epoch, self.epochs):
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()[: self.per_epoch]
+            for index in order[offset if epoch == first_epoch else 0 :]:
+                yield epoch, index
 
     def __len__(self) -> int:
-        return self.num_items - self.start
+        return self.epochs * self.per_epoch - self.start

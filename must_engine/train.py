@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from must_engine.artifact import build_classifier, preprocess_metadata, save_artifact
-from must_engine.base_models import DEFAULT_BASE_MODEL, geometry, load_base_model, parse_base_model
+from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, geometry, load_base_model, parse_base_model
 from must_engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from must_engine.config import ConfigError, MustConfig, resolve_config
+from must_engine.config import ConfigError, MustConfig, normalize_class_names, resolve_config
 from must_engine.data import ResumableSampler, TwoViewDataset, collect_images
 from must_engine.ema import EmaTeacher, ema_decay
 from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss
@@ -72,16 +72,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def normalize_class_names(class_names: Sequence[str]) -> list[str]:
-    names = [" ".join(str(name).split()) for name in class_names]
-    if any(not name for name in names):
-        raise ConfigError("class names must not be empty", field="class_names", code="invalid_class_names")
-    folded = [name.casefold() for name in names]
-    if len(set(folded)) != len(folded):
-        raise ConfigError("class names must be unique", field="class_names", code="invalid_class_names")
-    return names
-
-
 def adapt(
     images: Path | Sequence[Path],
     class_names: Sequence[str],
@@ -95,6 +85,7 @@ def adapt(
     on_progress: Callable[[Progress], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    fetch_weights: FetchWeights | None = None,
 ) -> AdaptResult:
     """Adapt a CLIP zero-shot classifier to unlabeled images with MUST; write the artifact to out_dir."""
     report = on_progress or (lambda _: None)
@@ -118,38 +109,28 @@ def adapt(
             model_cfg, preprocess_cfg = checkpoint["model_cfg"], checkpoint["preprocess_cfg"]
             classifier = build_classifier(model_cfg, len(class_names))
         else:
-            base = load_base_model(spec.spec, device="cpu")
+            base = load_base_model(spec.spec, device="cpu", fetch_weights=fetch_weights)
             classifier = zero_shot_classifier(base, class_names, config.templates)
             model_cfg, preprocess_cfg = base.model_cfg, base.preprocess_cfg
             del base  # the text tower is not needed any more
         student = MustModel(classifier).to(target)
-        teacher = EmaTeacher(student)
-        num_layers = len(classifier.visual.transformer.resblocks)
 
         # ---- schedule ------------------------------------------------------------------------------
         micro_batch = config.micro_batch_size or _default_micro_batch(config.batch_size, target)
         accumulation = config.batch_size // micro_batch
         steps_per_epoch = len(paths) // config.batch_size
         total_steps = steps_per_epoch * config.epochs
-        optimizer = build_optimizer(student, config, num_layers, fused=target.type == "cuda")
-        scheduler = build_scheduler(optimizer, config, total_steps)
         use_bf16 = target.type == "cuda" and config.precision in ("auto", "bf16")
-        autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        must_step = MustStep(
+            student, config, total_steps=total_steps, device=target,
+            autocast_dtype=torch.bfloat16 if use_bf16 else None,
+            fair_moving=config.fair_mode == "moving_average"
+            or (config.fair_mode == "auto" and len(class_names) > micro_batch),
         )
-        fair_moving = config.fair_mode == "moving_average" or (
-            config.fair_mode == "auto" and len(class_names) > micro_batch
-        )
-        fair_running: torch.Tensor | None = None
         step = 0
         resumed_from: int | None = None
         if checkpoint is not None:
-            student.load_state_dict(checkpoint["student"])
-            teacher.module.load_state_dict(checkpoint["teacher"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            fair_running = checkpoint["fair_running"]
-            fair_running = fair_running.to(target) if fair_running is not None else None
+            must_step.load_state_dict(checkpoint)
             restore_rng_state(checkpoint["rng"])
             step = resumed_from = int(checkpoint["step"])
             report(Progress(step, total_steps, step // steps_per_epoch, config.epochs,
@@ -159,7 +140,6 @@ def adapt(
                 f"adapting {spec.spec} to {len(paths)} images, {len(class_names)} classes, "
                 f"{total_steps} steps of {config.batch_size} images on {target}"
             )))
-        forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
 
         # ---- data ----------------------------------------------------------------------------------
         grid = shape.image_size // shape.patch_size
@@ -179,92 +159,155 @@ def adapt(
         )
         workers = config.num_workers if config.num_workers >= 0 else min(8, os.cpu_count() or 1)
 
-        def micro_batches(epoch: int, start_step: int) -> Iterator[list[torch.Tensor]]:
-            sampler = ResumableSampler(len(paths), seed=config.seed, epoch=epoch,
-                                       start=(start_step % steps_per_epoch) * config.batch_size)
-            loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                                num_workers=workers, pin_memory=target.type == "cuda")
+        def micro_batches() -> Iterator[list[torch.Tensor]]:
+            sampler = ResumableSampler(len(paths), seed=config.seed, epochs=config.epochs,
+                                       per_epoch=steps_per_epoch * config.batch_size, start=step * config.batch_size)
+            loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=workers,
+                                pin_memory=target.type == "cuda", prefetch_factor=4 if workers else None)
             for batch in loader:
                 yield [tensor.to(target, non_blocking=True) for tensor in batch]
 
         # ---- training loop -------------------------------------------------------------------------
         student.train()
-        meter = _Meter()
         last_metrics: dict[str, float] = {}
         tick = time.perf_counter()
+        batches = micro_batches()
         while step < total_steps:
-            epoch = step // steps_per_epoch
-            batches = micro_batches(epoch, step)
-            for _ in range(steps_per_epoch - step % steps_per_epoch):
-                if stop_requested():
-                    raise AdaptCancelled(f"cancelled at step {step}")
-                decay = ema_decay(step, config.ema_init, config.ema_final, config.ema_warmup)
-                for _ in range(accumulation):
-                    weak, strong, mask = next(batches)
-                    with torch.no_grad(), autocast():
-                        teacher_probs = F.softmax(teacher.module(weak).float(), dim=-1)
-                    with autocast():
-                        if config.mim:
-                            out = forward_masked(strong, mask)
-                            logits = out.logits
-                        else:
-                            logits = student(strong)
-                        loss_st, confident = self_training_loss(logits, teacher_probs, config.tau)
-                        probs = F.softmax(logits.float(), dim=-1)
-                        loss_fair, fair_running = fairness_loss(
-                            probs.mean(dim=0), fair_running if fair_moving else None,
-                            config.fair_momentum if fair_moving else 0.0,
-                        )
-                        loss = loss_st + config.w_fair * loss_fair
-                        parts = {"loss_st": loss_st, "loss_fair": loss_fair}
-                        if config.mim:
-                            parts["loss_mim"] = mim_loss(out.reconstruction, strong, mask, student.patch_size)
-                            loss = loss + config.w_mim * parts["loss_mim"]
-                            if config.w_align > 0:
-                                parts["loss_align"] = align_loss(
-                                    out.cls_embedding, out.patch_embeddings, mask,
-                                    target=config.align_target, k=config.align_k,
-                                )
-                                loss = loss + config.w_align * parts["loss_align"]
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss at step {step}: {parts}")
-                    (loss / accumulation).backward()
-                    meter.add_micro_batch(parts, loss, teacher_probs, probs, confident, config.tau)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                teacher.update(decay)
-                step += 1
-                meter.images += config.batch_size
+            if stop_requested():
+                raise AdaptCancelled(f"cancelled at step {step}")
+            must_step(step, batches, accumulation)
+            step += 1
 
-                if step % config.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - tick
-                    metrics = meter.summary(elapsed, lr=optimizer.param_groups[-1]["lr"], ema_decay=decay)
-                    report(Progress(step, total_steps, step // steps_per_epoch, config.epochs, metrics))
-                    meter, tick = _Meter(), time.perf_counter()
-                    last_metrics = metrics
-                if work_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps):
-                    path = save_checkpoint(work_dir, {
-                        "step": step, "config": config.to_dict(), "class_names": class_names,
-                        "base_model": spec.spec, "num_images": len(paths), "model_cfg": model_cfg,
-                        "preprocess_cfg": preprocess_cfg, "student": student.state_dict(),
-                        "teacher": teacher.module.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": None,  # bf16 needs no loss scaling
-                        "fair_running": fair_running, "rng": rng_state(),
-                    })
-                    if on_checkpoint is not None:
-                        on_checkpoint(path)
+            if step % config.log_every == 0 or step == total_steps:
+                last_metrics = must_step.report_metrics(time.perf_counter() - tick)
+                if not math.isfinite(last_metrics["loss"]):
+                    raise FloatingPointError(f"non-finite loss before step {step}: {last_metrics}")
+                report(Progress(step, total_steps, step // steps_per_epoch, config.epochs, last_metrics))
+                tick = time.perf_counter()
+            if work_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps):
+                path = save_checkpoint(work_dir, {
+                    "step": step, "config": config.to_dict(), "class_names": class_names,
+                    "base_model": spec.spec, "num_images": len(paths), "model_cfg": model_cfg,
+                    "preprocess_cfg": preprocess_cfg, "rng": rng_state(), **must_step.state_dict(),
+                })
+                if on_checkpoint is not None:
+                    on_checkpoint(path)
 
     # ---- export ------------------------------------------------------------------------------------
-    exported = teacher.module if config.export == "teacher" else student
-    final_metrics = last_metrics
+    exported = must_step.teacher.module if config.export == "teacher" else student
     artifact = save_artifact(
         Path(out_dir), exported.classifier, class_names=class_names, base_model=spec.spec,
         model_cfg=model_cfg, preprocess=preprocess_metadata(preprocess_cfg, config.input_size),
-        config=config.to_dict(), metrics={**final_metrics, "steps": step}, exported=config.export,
+        config=config.to_dict(), metrics={**last_metrics, "steps": step}, exported=config.export,
     )
-    report(Progress(step, total_steps, config.epochs, config.epochs, final_metrics, message="artifact written"))
-    return AdaptResult(artifact, final_metrics, step, resumed_from)
+    report(Progress(step, total_steps, config.epochs, config.epochs, last_metrics, message="artifact written"))
+    return AdaptResult(artifact, last_metrics, step, resumed_from)
+
+
+class MustStep:
+    """One MUST optimizer step over `accumulation` micro-batches; what the loop repeats and benchmarks time.
+
+    Per micro-batch: the EMA teacher pseudo-labels the weak view; the student sees the masked strong view;
+    self-training + fairness + MIM + alignment losses; backward. Then AdamW, the lr schedule, and the EMA
+    update with the ramped decay. Owns everything a checkpoint must hold to continue exactly.
+    """
+
+    def __init__(
+        self, student: MustModel, config: MustConfig, *, total_steps: int, device: torch.device,
+        autocast_dtype: torch.dtype | None, fair_moving: bool, fused: bool | None = None,
+    ) -> None:
+        self.student = student
+        self.config = config
+        self.teacher = EmaTeacher(student)
+        num_layers = len(student.classifier.visual.transformer.resblocks)
+        self.optimizer = build_optimizer(student, config, num_layers, fused=device.type == "cuda" if fused is None
+                                         else fused)
+        self.scheduler = build_scheduler(self.optimizer, config, total_steps)
+        self.device_type = device.type
+        self.autocast_dtype = autocast_dtype
+        self.fair_moving = fair_moving
+        self.fair_running: torch.Tensor | None = None
+        self.forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
+        self.teacher_forward = torch.compile(self.teacher.module) if config.compile else self.teacher.module
+        self.meter = _Meter()
+        self.decay = config.ema_init
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def losses(
+        self, weak: torch.Tensor, strong: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward passes and the weighted total loss of one micro-batch (no backward)."""
+        config = self.config
+        with torch.no_grad(), self.autocast():
+            teacher_probs = F.softmax(self.teacher_forward(weak).float(), dim=-1)
+        with self.autocast():
+            if config.mim:
+                out = self.forward_masked(strong, mask)
+                logits = out.logits
+            else:
+                logits = self.student(strong)
+            loss_st, confident = self_training_loss(logits, teacher_probs, config.tau)
+            probs = F.softmax(logits.float(), dim=-1)
+            loss_fair, self.fair_running = fairness_loss(
+                probs.mean(dim=0), self.fair_running if self.fair_moving else None,
+                config.fair_momentum if self.fair_moving else 0.0,
+            )
+            loss = loss_st + config.w_fair * loss_fair
+            parts = {"loss_st": loss_st, "loss_fair": loss_fair}
+            if config.mim:
+                parts["loss_mim"] = mim_loss(out.reconstruction, strong, mask, self.student.patch_size)
+                loss = loss + config.w_mim * parts["loss_mim"]
+                if config.w_align > 0:
+                    parts["loss_align"] = align_loss(
+                        out.cls_embedding, out.patch_embeddings, mask, target=config.align_target, k=config.align_k
+                    )
+                    loss = loss + config.w_align * parts["loss_align"]
+        self.meter.add_micro_batch(parts, loss, teacher_probs, probs, confident)
+        return loss, parts
+
+    def __call__(
+        self, step: int, micro_batches: Iterator[Sequence[torch.Tensor]], accumulation: int
+    ) -> torch.Tensor:
+        """One optimizer step; returns the step's mean total loss (detached, still on the device)."""
+        self.decay = ema_decay(step, self.config.ema_init, self.config.ema_final, self.config.ema_warmup)
+        total = torch.zeros(())
+        for _ in range(accumulation):
+            weak, strong, mask = next(micro_batches)
+            loss, _ = self.losses(weak, strong, mask)
+            (loss / accumulation).backward()
+            total = total.to(loss.device) + loss.detach() / accumulation
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.teacher.update(self.decay)
+        self.meter.images += self.config.batch_size
+        return total
+
+    def report_metrics(self, elapsed: float) -> dict[str, float]:
+        """Label-free signals since the last report (one host sync), then start a fresh window."""
+        metrics = self.meter.summary(elapsed, lr=self.optimizer.param_groups[-1]["lr"], ema_decay=self.decay)
+        self.meter = _Meter()
+        return metrics
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "student": self.student.state_dict(), "teacher": self.teacher.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaling
+            "fair_running": self.fair_running,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.module.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        running = state["fair_running"]
+        self.fair_running = running.to(next(self.student.parameters()).device) if running is not None else None
 
 
 def _default_micro_batch(batch_size: int, device: torch.device) -> int:
@@ -284,34 +327,37 @@ def _check_resume(checkpoint: dict, *, class_names: list[str], base_model: str, 
 
 
 class _Meter:
-    """Label-free training signals averaged over the micro-batches since the last report."""
+    """Label-free training signals averaged over the micro-batches since the last report.
+
+    Sums stay on the device; the one host sync per report happens in summary().
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.images = 0
         self.histogram: torch.Tensor | None = None
 
     def add_micro_batch(
         self, parts: dict[str, torch.Tensor], loss: torch.Tensor, teacher_probs: torch.Tensor,
-        student_probs: torch.Tensor, confident: torch.Tensor, tau: float,
+        student_probs: torch.Tensor, confident: torch.Tensor,
     ) -> None:
         confidence, pseudo = teacher_probs.max(dim=-1)
-        values = {name: float(value.detach()) for name, value in parts.items()}
-        values["loss"] = float(loss.detach())
-        values["teacher_confidence"] = float(confidence.mean())
-        values["above_tau"] = float(confident.float().mean())
-        values["agreement"] = float((student_probs.argmax(dim=-1) == pseudo).float().mean())
+        values = {name: value.detach().float() for name, value in parts.items()}
+        values["loss"] = loss.detach().float()
+        values["teacher_confidence"] = confidence.mean()
+        values["above_tau"] = confident.float().mean()
+        values["agreement"] = (student_probs.argmax(dim=-1) == pseudo).float().mean()
         for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        counts = torch.bincount(pseudo[confident].cpu(), minlength=teacher_probs.shape[-1]).float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        counts = torch.zeros(teacher_probs.shape[-1], device=pseudo.device).scatter_add_(0, pseudo, confident.float())
         self.histogram = counts if self.histogram is None else self.histogram + counts
         self.count += 1
 
     def summary(self, elapsed: float, **extra: float) -> dict[str, float]:
-        metrics = {name: total / max(1, self.count) for name, total in self.sums.items()}
-        if self.histogram is not None and self.histogram.sum() > 0:
-            p = self.histogram / self.histogram.sum()
+        metrics = {name: float(total) / max(1, self.count) for name, total in self.sums.items()}
+        if self.histogram is not None and float(self.histogram.sum()) > 0:
+            p = (self.histogram / self.histogram.sum()).cpu()
             entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
             metrics["pseudo_label_entropy"] = entropy / math.log(len(p))  # 1.0 = perfectly balanced
         metrics["images_per_s"] = self.images / elapsed if elapsed > 0 else 0.0
