@@ -26,6 +26,7 @@ from must_engine import (
     open_image,
     resolve_job_config,
 )
+from must_engine import normalize_class_names as engine_normalize_class_names
 from must_engine.images import is_image_name
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -54,28 +55,21 @@ def normalize_class_names(raw: Any, settings: Settings) -> list[str]:
     """Collapse whitespace; reject empty, overlong, duplicate (ignoring case) and too many/few names."""
     if not isinstance(raw, list) or not all(isinstance(name, str) for name in raw):
         raise InputError("invalid_class_names", "class_names must be an array of strings", "class_names")
-    names = [" ".join(name.split()) for name in raw]
-    if len(names) > settings.max_class_names:
+    if len(raw) > settings.max_class_names:
         raise InputError(
             "too_many_class_names", f"at most {settings.max_class_names} class names are allowed", "class_names"
         )
-    if len(names) < 2:
-        raise InputError("too_few_class_names", "at least two class names are needed", "class_names")
-    seen: dict[str, int] = {}
+    try:
+        names = engine_normalize_class_names(raw)
+    except ConfigError as exc:
+        raise InputError(exc.code, str(exc), exc.field) from exc
     for index, name in enumerate(names):
-        param = f"class_names.{index}"
-        if not name:
-            raise InputError("empty_class_name", f"class name {index} is empty", param)
         if len(name) > settings.max_class_name_length:
             raise InputError(
                 "class_name_too_long",
                 f"class name {index} is longer than {settings.max_class_name_length} characters",
-                param,
+                f"class_names.{index}",
             )
-        folded = name.casefold()
-        if folded in seen:
-            raise InputError("duplicate_class_name", f"class name {name!r} repeats class name {seen[folded]}", param)
-        seen[folded] = index
     return names
 
 

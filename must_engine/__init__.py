@@ -7,7 +7,14 @@ from must_engine.base_models import (
     list_base_models,
     parse_base_model,
 )
-from must_engine.config import PRESETS, ConfigError, ModelGeometry, MustConfig, resolve_config
+from must_engine.config import (
+    PRESETS,
+    ConfigError,
+    ModelGeometry,
+    MustConfig,
+    normalize_class_names,
+    resolve_config,
+)
 from must_engine.data import NoImagesError, collect_images
 from must_engine.evaluate import EvalResult, evaluate
 from must_engine.images import (
@@ -38,6 +45,7 @@ __all__ = [
     "DEFAULT_BASE_MODEL", "ENGINE_VERSION", "IMAGE_EXTENSIONS", "PRESETS", "AdaptCancelled", "AdaptResult",
     "ArchiveError", "ArchiveLimits", "BaseModelError", "ConfigError", "EvalResult", "ImageError", "ModelGeometry",
     "MustConfig", "NoImagesError", "Predictor", "Progress", "ResumeMismatchError", "adapt", "check_base_model",
-    "collect_images", "evaluate", "extract_zip", "find_images", "list_base_models", "open_image",
+    "collect_images", "evaluate", "extract_zip", "find_images", "list_base_models", "normalize_class_names",
+    "open_image",
     "parse_base_model", "resolve_config", "resolve_job_config",
 ]

@@ -2,7 +2,9 @@
 
 A spec is one string so that it can travel through an API field:
 - a shipped name (`proxy-cifar10-tiny`), stored in open_clip's `local-dir` layout under base_models/;
-- `ARCH:TAG` (`ViT-B-16:openai`) or `ARCH:/path/to/weights` for any open_clip architecture;
+- `ARCH:TAG` (`ViT-B-16:openai`), `ARCH:/path/to/weights` or `ARCH:s3://bucket/key` for any open_clip
+  architecture (object-store weights are fetched by a caller-supplied `fetch_weights`; the engine has no
+  object-store client);
 - open_clip's own `local-dir:/path` and `hf-hub:org/repo` schemas.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +81,10 @@ def parse_base_model(spec: str, pretrained: str | None = None) -> BaseModelSpec:
             f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'no known tags'}, or {arch}:/path"
         )
     if weights.startswith("s3://"):
-        raise BaseModelError(
-            f"{weights} is in the object store; fetch it to a local file first", code="weights_unavailable"
-        )
-    if not open_clip.get_pretrained_cfg(arch, weights) and not Path(weights).is_file():
+        bucket, _, key = weights.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise BaseModelError(f"{weights!r} is not an s3://bucket/key URI", code="weights_unavailable")
+    elif not open_clip.get_pretrained_cfg(arch, weights) and not Path(weights).is_file():
         raise BaseModelError(
             f"{weights!r} is neither a pretrained tag of {arch} "
             f"({', '.join(open_clip.list_pretrained_tags_by_model(arch))}) nor an existing file",
@@ -132,7 +135,7 @@ def _shipped_names() -> list[str]:
 
 def _ensure_weights_reachable(spec: BaseModelSpec) -> None:
     """Fail in seconds, not after a minute of hub retries, when tagged weights cannot be had."""
-    if spec.pretrained is None or Path(spec.pretrained).is_file():
+    if spec.pretrained is None or spec.pretrained.startswith("s3://") or Path(spec.pretrained).is_file():
         return
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
@@ -154,14 +157,33 @@ def _ensure_weights_reachable(spec: BaseModelSpec) -> None:
     )
 
 
-def load_base_model(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedBaseModel:
-    """The full CLIP model (both towers) in fp32; the text tower is dropped once the head is built."""
+FetchWeights = Callable[[str], Path]
+
+
+def load_base_model(
+    spec: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+    fetch_weights: FetchWeights | None = None,
+) -> LoadedBaseModel:
+    """The full CLIP model (both towers) in fp32; the text tower is dropped once the head is built.
+
+    `fetch_weights(uri)` turns an `s3://` weights URI into a local file (the service passes its
+    object-store client); the spec keeps the URI, so checkpoints and artifacts name the real source.
+    """
     parsed = parse_base_model(spec, pretrained)
     cfg = model_config(parsed)
     geometry(parsed)
     _ensure_weights_reachable(parsed)
+    weights = parsed.pretrained
+    if weights is not None and weights.startswith("s3://"):
+        if fetch_weights is None:
+            raise BaseModelError(f"{weights}: object-store weights need an object-store client",
+                                 code="weights_unavailable")
+        try:
+            weights = str(fetch_weights(weights))
+        except Exception as exc:
+            raise BaseModelError(f"cannot fetch {parsed.pretrained}: {exc}", code="weights_unavailable") from exc
     try:
-        model = open_clip.create_model(parsed.model_name, pretrained=parsed.pretrained, device=device)
+        model = open_clip.create_model(parsed.model_name, pretrained=weights, device=device)
     except Exception as exc:
         raise BaseModelError(f"cannot load {parsed.spec}: {exc}", code="weights_unavailable") from exc
     tokenizer = open_clip.get_tokenizer(parsed.model_name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -267,6 +267,22 @@ def resolve_config(
     config = MustConfig(**values)
     _validate(config, num_images=num_images, geometry=geometry)
     return config
+
+
+def normalize_class_names(class_names: Sequence[str]) -> list[str]:
+    """Collapse whitespace; refuse empty names and duplicates that differ only in case or spacing."""
+    names = [" ".join(str(name).split()) for name in class_names]
+    if len(names) < 2:
+        raise ConfigError("at least two class names are needed", field="class_names", code="too_few_class_names")
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if not name:
+            raise ConfigError(f"class name {index} is empty", field=f"class_names.{index}", code="empty_class_name")
+        if name.casefold() in seen:
+            raise ConfigError(f"class name {name!r} repeats class name {seen[name.casefold()]}",
+                              field=f"class_names.{index}", code="duplicate_class_name")
+        seen[name.casefold()] = index
+    return names
 
 
 def _check_override_types(overrides: Mapping[str, Any]) -> None:

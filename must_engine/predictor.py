@@ -12,6 +12,7 @@ from PIL import Image
 
 from must_engine.artifact import load_artifact, preprocess_metadata
 from must_engine.augment import eval_transform, to_batch
+from must_engine.base_models import FetchWeights
 from must_engine.models import ImageClassifier
 
 Prediction = list[tuple[str, float]]
@@ -28,7 +29,7 @@ class Predictor:
 
     def __init__(
         self, classifier: ImageClassifier, class_names: Sequence[str], preprocess: dict[str, Any],
-        metadata: dict[str, Any], device: str = "auto", batch_size: int = 64,
+        metadata: dict[str, Any], device: str = "auto", batch_size: int | None = None,
     ) -> None:
         if classifier.num_classes != len(class_names):
             raise ValueError(f"head has {classifier.num_classes} classes, metadata names {len(class_names)}")
@@ -38,7 +39,7 @@ class Predictor:
         self.metadata = metadata
         self.size = int(preprocess["size"])
         self.transform = eval_transform(self.size, preprocess["mean"], preprocess["std"])
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
 
     @classmethod
     def load(cls, artifact_dir: Path, device: str = "auto") -> Predictor:
@@ -48,14 +49,14 @@ class Predictor:
     @classmethod
     def zero_shot(
         cls, base_model: str, class_names: Sequence[str], pretrained: str | None = None,
-        device: str = "auto", templates: str = "default",
+        device: str = "auto", templates: str = "default", fetch_weights: FetchWeights | None = None,
     ) -> Predictor:
         from must_engine.base_models import load_base_model
-        from must_engine.train import normalize_class_names
+        from must_engine.config import normalize_class_names
         from must_engine.zeroshot import zero_shot_classifier
 
         names = normalize_class_names(class_names)
-        base = load_base_model(base_model, pretrained)
+        base = load_base_model(base_model, pretrained, fetch_weights=fetch_weights)
         classifier = zero_shot_classifier(base, names, templates)
         size = base.model.visual.image_size[0]
         metadata = {"base_model": base.spec.spec, "class_names": names, "zero_shot": True}
