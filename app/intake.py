@@ -109,7 +109,7 @@ def _validate_upload(form: MultipartForm, fingerprint: str, staging: Path, setti
     if unknown:
         raise InputError("unknown_field", f"unknown field {unknown[0]!r}", unknown[0])
     names = class_names_from_form(form.values("class_names"), settings)
-    base_model = check_base_model_spec(form.value("base_model") or DEFAULT_BASE_MODEL)
+    base_model = check_base_model_spec(form.value("base_model") or DEFAULT_BASE_MODEL, settings)
     config_request = _json_field(form, "config")
     metadata = check_metadata(_json_field(form, "metadata"), settings)
     uploads = form.files_of("images")
@@ -151,7 +151,7 @@ def _json_field(form: MultipartForm, name: str) -> dict[str, Any]:
 
 def _validate_source(body: AdaptationFromSource, fingerprint: str, settings: Settings) -> Draft:
     names = normalize_class_names(body.class_names, settings)
-    base_model = check_base_model_spec(body.base_model or DEFAULT_BASE_MODEL)
+    base_model = check_base_model_spec(body.base_model or DEFAULT_BASE_MODEL, settings)
     metadata = check_metadata(body.metadata, settings)
     if body.source.bucket not in settings.source_buckets:
         raise InputError(

@@ -109,8 +109,10 @@ class PredictorCache:
         device: str,
         max_batch_images: int,
         wait_seconds: float,
+        fetch_weights: Callable[[str], Path] | None = None,
     ) -> None:
         self.store = store
+        self.fetch_weights = fetch_weights
         self.cache_dir = cache_dir
         self.capacity = capacity
         self.device = device
@@ -131,7 +133,7 @@ class PredictorCache:
         digest = hashlib.sha256(json.dumps([base_model, class_names]).encode()).hexdigest()
         return self._get(
             f"zero-shot:{digest}",
-            lambda: Predictor.zero_shot(base_model, class_names, device=self.device),
+            lambda: Predictor.zero_shot(base_model, class_names, device=self.device, fetch_weights=self.fetch_weights),
         )
 
     def evict_model(self, model_id: str) -> None:

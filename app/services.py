@@ -14,6 +14,7 @@ from app.metrics import ServiceMetrics
 from app.predictors import PredictorCache
 from app.settings import Settings
 from app.storage import ObjectStore, create_store
+from app.weights import WeightsFetcher
 from worker.celery_app import create_celery_app
 
 
@@ -45,6 +46,7 @@ class Services:
                 device=settings.device,
                 max_batch_images=settings.classify_batch_images,
                 wait_seconds=settings.classify_batch_wait_ms / 1000,
+                fetch_weights=WeightsFetcher(store, settings),
             ),
             classify_limiter=RateLimiter(settings.classify_requests_per_second, settings.classify_burst),
             metrics=ServiceMetrics(),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
+from app.weights import WeightsUnavailable, check_weights_uri
 from must_engine import (
     ArchiveError,
     ArchiveLimits,
@@ -24,6 +25,7 @@ from must_engine import (
     extract_zip,
     find_images,
     open_image,
+    parse_base_model,
     resolve_job_config,
 )
 from must_engine import normalize_class_names as engine_normalize_class_names
@@ -96,11 +98,17 @@ def check_metadata(metadata: Any, settings: Settings) -> dict[str, Any]:
     return metadata
 
 
-def check_base_model_spec(spec: str) -> str:
+def check_base_model_spec(spec: str, settings: Settings) -> str:
+    """Reject unknown models, and object-store weights the service may not read, before any job exists."""
     try:
         check_base_model(spec)
+        weights = parse_base_model(spec).pretrained
+        if weights is not None and weights.startswith("s3://"):
+            check_weights_uri(weights, settings)
     except BaseModelError as exc:
         raise InputError(exc.code, str(exc), "base_model") from exc
+    except WeightsUnavailable as exc:
+        raise InputError("weights_unavailable", str(exc), "base_model") from exc
     return spec.strip()
 
 

@@ -37,6 +37,7 @@ from app.db.session import is_database_unavailable, transaction
 from app.settings import Settings
 from app.storage import ObjectStore, StorageError, download_prefix, object_key, upload_directory
 from app.validation import ImageLimits, InputError, check_images, images_in_directory, resolve_config
+from app.weights import WeightsFetcher
 from must_engine import AdaptCancelled, AdaptResult, BaseModelError, ConfigError, Progress, adapt
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class AdaptationRunner:
                 on_progress=lambda progress: self._on_progress(spec, progress),
                 on_checkpoint=lambda path: self._on_checkpoint(spec, path),
                 should_stop=keeper.should_stop,
+                fetch_weights=WeightsFetcher(self.store, self.settings),
             )
             return self._store_model(spec, result)
 

@@ -75,7 +75,7 @@ async def _read_input(
                 sources,
                 body.top_k,
                 normalize_class_names(body.class_names, settings),
-                _base_model(body.base_model),
+                _base_model(body.base_model, settings),
                 settings,
             )
         return await _decode(sources, body.top_k, None, None, settings)
@@ -89,7 +89,7 @@ async def _read_input(
         if unknown:
             raise InputError("unknown_field", f"unknown field {unknown[0]!r}", unknown[0])
         names = class_names_from_form(form.values("class_names"), settings) if zero_shot else None
-        base_model = _base_model(form.value("base_model")) if zero_shot else None
+        base_model = _base_model(form.value("base_model"), settings) if zero_shot else None
         return await _decode(
             [(upload.path, upload.filename) for upload in form.files_of("images")],
             _form_top_k(form),
@@ -101,8 +101,8 @@ async def _read_input(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _base_model(spec: str | None) -> str:
-    return check_base_model_spec(spec or DEFAULT_BASE_MODEL)
+def _base_model(spec: str | None, settings: Settings) -> str:
+    return check_base_model_spec(spec or DEFAULT_BASE_MODEL, settings)
 
 
 def _form_top_k(form: MultipartForm) -> int:
