@@ -163,6 +163,8 @@ class TcpProxy:
     def down(self) -> None:
         self._running.clear()
         if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept() (close alone does not)
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:
@@ -177,6 +179,9 @@ class TcpProxy:
             try:
                 client, _ = listener.accept()
             except OSError:
+                return
+            if not self._running.is_set():
+                client.close()
                 return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -205,3 +210,9 @@ class TcpProxy:
             for sock in (a, b):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
