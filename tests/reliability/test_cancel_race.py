@@ -31,7 +31,7 @@ def test_cancel_racing_completion_is_all_or_nothing(stack, team, dtd_images, tin
     outcomes = []
     for trigger, delay in TRIGGERS:
         created = stack.submit(team, images, config={**tiny_config, "epochs": 2})
-        stack.wait_for(team, created["id"], lambda body, t=trigger: _reached(body, t), timeout=120)  # type: ignore[misc]
+        stack.wait_for(team, created["id"], lambda body, t=trigger: _reached(body, t), timeout=120)
         time.sleep(delay)
         cancel = stack.client.post(f"/adaptations/{created['id']}/cancel", headers=team.headers)
         assert cancel.status_code in (200, 409), cancel.text
