@@ -15,25 +15,32 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-LOGIT_SCALE = 100.0  # CLIP's learned temperature, fixed as in the paper
+CLIP_LOGIT_SCALE = 100.0  # OpenAI CLIP's learned temperature (open_clip clamps every model's at 100)
 
 
 class ImageClassifier(nn.Module):
-    """CLIP image tower -> L2-normalised embedding -> linear head (D x K) at logit scale 100."""
+    """CLIP image tower -> L2-normalised embedding -> linear head (D x K) at the base model's logit scale.
 
-    def __init__(self, visual: VisionTransformer, head: torch.Tensor) -> None:
+    The paper fixes the scale at 100, which is exactly CLIP's learned value; a base model that learned
+    another temperature (the proxy: ~14) keeps its own, or its probabilities (and so tau) lose meaning.
+    The scale is a buffer: fixed during training, saved with the weights.
+    """
+
+    def __init__(self, visual: VisionTransformer, head: torch.Tensor, logit_scale: float = CLIP_LOGIT_SCALE) -> None:
         super().__init__()
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
             raise TypeError("MUST needs open_clip's VisionTransformer with [CLS]-token pooling")
         self.visual = visual
         self.head = nn.Parameter(head.detach().clone().float())
+        self.logit_scale: torch.Tensor
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
 
     @property
     def num_classes(self) -> int:
         return int(self.head.shape[1])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return LOGIT_SCALE * F.normalize(self.visual(images), dim=-1) @ self.head
+        return self.logit_scale * F.normalize(self.visual(images), dim=-1) @ self.head
 
 
 @dataclass
@@ -79,7 +86,7 @@ class MustModel(nn.Module):
 
         pooled, _ = visual._pool(x)  # ln_post + [CLS], exactly as the unmasked forward
         cls_embedding = F.normalize(pooled @ visual.proj, dim=-1)
-        logits = LOGIT_SCALE * cls_embedding @ self.classifier.head
+        logits = self.classifier.logit_scale * cls_embedding @ self.classifier.head
 
         patches = self.ln_patch(x[:, 1:])
         batch, tokens, width = patches.shape

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from must_engine.base_models import LoadedBaseModel
-from must_engine.models import ImageClassifier
+from must_engine.models import CLIP_LOGIT_SCALE, ImageClassifier
 from must_engine.templates import TEMPLATE_SETS
 
 
@@ -30,4 +30,5 @@ def zero_shot_classifier(
 ) -> ImageClassifier:
     """The image tower with its text-derived head; the text tower is not referenced afterwards."""
     head = text_head(base, class_names, TEMPLATE_SETS[template_set])
-    return ImageClassifier(base.model.visual, head)
+    scale = float(base.model.logit_scale.detach().exp().clamp(max=CLIP_LOGIT_SCALE))
+    return ImageClassifier(base.model.visual, head, logit_scale=scale)

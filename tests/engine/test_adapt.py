@@ -126,3 +126,17 @@ def test_zero_shot_predictor_matches_the_adapted_model_before_training(tiny_base
     for left, right in zip(adapted, zero_shot, strict=True):
         assert [label for label, _ in left] == [label for label, _ in right]
         assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(left, right, strict=True))
+
+
+def test_classifier_keeps_the_base_models_temperature(tiny_base_model: str) -> None:
+    """CLIP's learned logit scale is 100 (the paper's constant); a model that learned another keeps its own."""
+    from must_engine.base_models import load_base_model
+    from must_engine.zeroshot import zero_shot_classifier
+
+    base = load_base_model(tiny_base_model)
+    expected = float(base.model.logit_scale.exp())
+    assert 1.0 < expected < 100.0
+    assert float(zero_shot_classifier(base, CLASSES).logit_scale) == pytest.approx(expected)
+    with torch.no_grad():
+        base.model.logit_scale.fill_(10.0)  # exp(10) > 100: clamped like open_clip clamps it in training
+    assert float(zero_shot_classifier(base, CLASSES).logit_scale) == 100.0
