@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 WORKER_STOP_SECONDS = 10.0
 WORKER_RESTART_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def add_serve_parser(subparsers: Any) -> None:
@@ -76,6 +77,18 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminate_with_parent() -> None:
+    """Linux: SIGTERM the worker when `must serve` dies, however it dies.
+
+    uvicorn re-raises SIGTERM after its graceful shutdown, which ends the process before `finally` can stop
+    the worker, and SIGKILL skips everything; without this the worker would outlive the service.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class EmbeddedWorker:
     """A Celery worker in a child process, restarted if it dies; it inherits the serve settings.
 
@@ -101,7 +114,9 @@ class EmbeddedWorker:
 
     def _spawn(self) -> None:
         # A session of its own: Ctrl-C reaches `must serve`, which then stops the worker deliberately.
-        self._process = subprocess.Popen(self.command, env=self.environment, start_new_session=True)
+        self._process = subprocess.Popen(
+            self.command, env=self.environment, start_new_session=True, preexec_fn=_terminate_with_parent
+        )
 
     def _supervise(self) -> None:
         while not self._stopping.is_set():

@@ -115,3 +115,30 @@ def test_embedded_service_adapts_and_classifies(
         "metadata.json",
         "model.safetensors",
     ]
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_the_embedded_worker_never_outlives_must_serve(workdir: Path, unused_port: int, stop_signal: int) -> None:
+    """uvicorn re-raises SIGTERM after shutdown (skipping `finally`) and SIGKILL skips everything: the worker
+    must still go, or it keeps training (and holding the broker's messages) with no service in front."""
+    process = subprocess.Popen([MUST, "serve", "--port", str(unused_port)], cwd=workdir, env=_environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := _children(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline, "must serve started no worker"
+            time.sleep(0.5)
+        process.send_signal(stop_signal)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{workers[0]}").exists() and Path(f"/proc/{workers[0]}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"worker {workers[0]} outlived must serve"
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:
+            process.kill()
