@@ -30,12 +30,14 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         # One folder for both directions: the API writes messages, the embedded worker reads them.
         queue_dir = settings.broker_dir / "queue"
         processed_dir = settings.broker_dir / "processed"
-        for directory in (queue_dir, processed_dir):
+        control_dir = settings.broker_dir / "control"  # kombu's default is ./control in the working directory
+        for directory in (queue_dir, processed_dir, control_dir):
             directory.mkdir(parents=True, exist_ok=True)
         options |= {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
             "processed_folder": str(processed_dir),
+            "control_folder": str(control_dir),
             "store_processed": False,
         }
     return options

@@ -115,6 +115,7 @@ def test_embedded_service_adapts_and_classifies(
         "metadata.json",
         "model.safetensors",
     ]
+    assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["var"], "all state lives under ./var"
 
 
 def _children(pid: int) -> list[int]:
