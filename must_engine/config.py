@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from must_engine.templates import TEMPLATE_SETS
 
 
@@ -267,6 +269,15 @@ def resolve_config(
     config = MustConfig(**values)
     _validate(config, num_images=num_images, geometry=geometry)
     return config
+
+
+def pick_device(device: str) -> torch.device:
+    """"auto" = CUDA when present; an explicit CUDA device on a machine without one is a config error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available", field="device")
+    return torch.device(device)
 
 
 def normalize_class_names(class_names: Sequence[str]) -> list[str]:

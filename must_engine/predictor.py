@@ -13,15 +13,10 @@ from PIL import Image
 from must_engine.artifact import load_artifact, preprocess_metadata
 from must_engine.augment import eval_transform, to_batch
 from must_engine.base_models import FetchWeights
+from must_engine.config import pick_device
 from must_engine.models import ImageClassifier
 
 Prediction = list[tuple[str, float]]
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Predictor:
@@ -33,7 +28,7 @@ class Predictor:
     ) -> None:
         if classifier.num_classes != len(class_names):
             raise ValueError(f"head has {classifier.num_classes} classes, metadata names {len(class_names)}")
-        self.device = _device(device)
+        self.device = pick_device(device)
         self.classifier = classifier.eval().to(self.device)
         self.class_names = list(class_names)
         self.metadata = metadata

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from must_engine.artifact import build_classifier, preprocess_metadata, save_artifact
 from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, geometry, load_base_model, parse_base_model
 from must_engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from must_engine.config import ConfigError, MustConfig, normalize_class_names, resolve_config
+from must_engine.config import MustConfig, normalize_class_names, pick_device, resolve_config
 from must_engine.data import ResumableSampler, TwoViewDataset, collect_images
 from must_engine.ema import EmaTeacher, ema_decay
 from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss
@@ -62,14 +62,6 @@ class AdaptResult:
     metrics: dict[str, float]
     steps: int
     resumed_from_step: int | None
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available", field="device")
-    return torch.device(device)
 
 
 def adapt(
@@ -143,11 +135,12 @@ def adapt(
 
         # ---- data ----------------------------------------------------------------------------------
         grid = shape.image_size // shape.patch_size
+        preprocess = preprocess_metadata(preprocess_cfg, config.input_size)
         dataset = TwoViewDataset(
             paths,
             size=config.input_size,
-            mean=preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
-            std=preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+            mean=preprocess["mean"],
+            std=preprocess["std"],
             scale_min=config.crop_scale_min,
             randaugment=config.randaugment,
             mask_generator=(
@@ -197,7 +190,7 @@ def adapt(
     exported = must_step.teacher.module if config.export == "teacher" else student
     artifact = save_artifact(
         Path(out_dir), exported.classifier, class_names=class_names, base_model=spec.spec,
-        model_cfg=model_cfg, preprocess=preprocess_metadata(preprocess_cfg, config.input_size),
+        model_cfg=model_cfg, preprocess=preprocess,
         config=config.to_dict(), metrics={**last_metrics, "steps": step}, exported=config.export,
     )
     report(Progress(step, total_steps, config.epochs, config.epochs, last_metrics, message="artifact written"))
