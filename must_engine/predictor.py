@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,9 @@ from must_engine.models import ImageClassifier
 
 Prediction = list[tuple[str, float]]
 
+# Below this many images, handing them to a thread pool costs more than resizing them in turn.
+_PARALLEL_PREPROCESS_MIN = 8
+
 
 class Predictor:
     """An ImageClassifier with its class names and preprocessing; thread-compatible, inference only."""
@@ -25,6 +30,7 @@ class Predictor:
     def __init__(
         self, classifier: ImageClassifier, class_names: Sequence[str], preprocess: dict[str, Any],
         metadata: dict[str, Any], device: str = "auto", batch_size: int | None = None,
+        preprocess_threads: int | None = None,
     ) -> None:
         if classifier.num_classes != len(class_names):
             raise ValueError(f"head has {classifier.num_classes} classes, metadata names {len(class_names)}")
@@ -35,6 +41,10 @@ class Predictor:
         self.size = int(preprocess["size"])
         self.transform = eval_transform(self.size, preprocess["mean"], preprocess["std"])
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
+        # PIL's resize and crop release the GIL, so resizing a batch on several threads scales with cores;
+        # the transform is deterministic, so threads cannot change a result.
+        threads = preprocess_threads if preprocess_threads is not None else min(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess") if threads > 1 else None
 
     @classmethod
     def load(cls, artifact_dir: Path, device: str = "auto") -> Predictor:
@@ -58,7 +68,9 @@ class Predictor:
         return cls(classifier, names, preprocess_metadata(base.preprocess_cfg, size), metadata, device)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return to_batch(images, self.transform)
+        if self._pool is None or len(images) < _PARALLEL_PREPROCESS_MIN:
+            return to_batch(images, self.transform)
+        return torch.stack(list(self._pool.map(self.transform, images)))
 
     @torch.inference_mode()
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
