@@ -80,7 +80,7 @@ class Recipe:
 
 PRESETS: dict[str, Recipe] = {
     # 2 CPU cores, about 15 minutes; ships in the repository.
-    "tiny": Recipe("proxy-tiny", epochs=4, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=200),
+    "tiny": Recipe("proxy-tiny", epochs=10, batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=200),
     # One GPU, a few minutes.
     "small": Recipe("proxy-small", epochs=100, batch_size=512, lr=5e-4, weight_decay=0.1, warmup_steps=500),
 }

@@ -2,10 +2,9 @@
 
 Each target is a labelled folder `<targets>/<shift>/<class>/<image>`. Adaptation reads the folder
 without labels (transductive adaptation, the paper's section 4.8); only evaluation reads the labels.
-Hyperparameters come from --preset/--set and are applied unchanged to every shift.
+Hyperparameters are CALIBRATED (picked on the dev shift only) plus --preset/--set, the same for every shift.
 
-    python -m benchmarks.quality --targets runs/shifts --base-model proxy-cifar10-tiny \
-        --set epochs=10 --set batch_size=128 --json runs/quality.json
+    python -m benchmarks.quality --targets runs/shifts1k --json runs/quality.json
 """
 
 from __future__ import annotations
@@ -20,6 +19,13 @@ from typing import Any
 from must_engine import Predictor, adapt, evaluate, find_images, resolve_job_config
 from must_engine.cli import parse_override
 from must_engine.evaluate import labelled_folders
+
+# Picked on the dev shift (gaussian_noise) only, then used unchanged on every other shift (docs/BENCHMARKS.md):
+# the paper's lr and strong view are tuned for hours of ViT-B/16 on 224 px photos, not 75 steps of a 32 px proxy.
+CALIBRATED: dict[str, Any] = {
+    "batch_size": 64, "epochs": 5, "base_lr": 2e-3, "ema_final": 0.995, "tau": 0.7, "w_fair": 3.0,
+    "randaugment": "rand-n1-m2-mstd0.5-inc1", "crop_scale_min": 0.8,
+}
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "zero_shot": None,
@@ -69,13 +75,14 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated target names (default: all)")
     parser.add_argument("--base-model", default="proxy-cifar10-tiny")
     parser.add_argument("--preset", default="auto")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field on top of the calibrated defaults (CALIBRATED)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args()
 
-    overrides = dict(parse_override(item) for item in args.set)
+    overrides = {**CALIBRATED, **dict(parse_override(item) for item in args.set)}
     variants = args.variants.split(",")
     targets = sorted(p for p in args.targets.iterdir() if p.is_dir())
     if args.only:
