@@ -109,7 +109,7 @@ def forward_flops_per_image(classifier: ImageClassifier, device: torch.device) -
 @contextlib.contextmanager
 def precision(variant: Variant) -> Iterator[None]:
     """Set TF32 for matmuls and cuDNN convolutions (new fp32_precision API) for the duration."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # type: ignore[attr-defined]
     saved = (matmul.fp32_precision, conv.fp32_precision)
     if variant.tf32 is not None:
         mode = "tf32" if variant.tf32 else "ieee"

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -142,7 +143,7 @@ def main() -> None:
     rows = []
     loader = make_loader(args, size, patch, mask_patch, device)
     if args.breakdown:
-        print_table(["stage (per image, main process)", "ms"], stage_breakdown(loader.dataset, args.breakdown))
+        print_table(["stage (per image, main process)", "ms"], stage_breakdown(cast(TwoViewDataset, loader.dataset), args.breakdown))
     tick = time.perf_counter()
     batches = iter(loader)
     next(batches)
