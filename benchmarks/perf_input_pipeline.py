@@ -143,7 +143,8 @@ def main() -> None:
     rows = []
     loader = make_loader(args, size, patch, mask_patch, device)
     if args.breakdown:
-        print_table(["stage (per image, main process)", "ms"], stage_breakdown(cast(TwoViewDataset, loader.dataset), args.breakdown))
+        stages = stage_breakdown(cast(TwoViewDataset, loader.dataset), args.breakdown)
+        print_table(["stage (per image, main process)", "ms"], stages)
     tick = time.perf_counter()
     batches = iter(loader)
     next(batches)
