@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=DTD, help="JPEG files for the bytes path (read-only)")
     parser.add_argument("--skip-jpeg", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--preprocess-threads", type=int, help="Predictor's resize pool (default: min(8, cores))")
     return parser.parse_args()
 
 
@@ -62,7 +63,8 @@ def main() -> None:
     size = image_size(classifier)
     names = [f"class {i}" for i in range(args.classes)]
     preprocess = {"size": size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
-    predictor = Predictor(classifier, names, preprocess, metadata={}, device=args.device)
+    predictor = Predictor(classifier, names, preprocess, metadata={}, device=args.device,
+                          preprocess_threads=args.preprocess_threads)
     default_chunk = predictor.batch_size
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     files = [path.read_bytes() for path in itertools.islice(itertools.cycle(find_images(args.root)), max(sizes))]
