@@ -18,6 +18,7 @@ import torch
 from perf_common import (
     CLIP_MEAN,
     CLIP_STD,
+    DTD,
     build_classifier,
     describe_device,
     fmt,
@@ -32,8 +33,6 @@ from perf_common import (
 
 from must_engine.images import find_images, open_image
 from must_engine.predictor import Predictor
-
-DTD = Path("/work/shared/datasets/dtd10")
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
+DTD = REPO.parent / "shared" / "datasets" / "dtd10"  # the shared datasets sit beside the checkout
 if str(REPO) not in sys.path:  # import the working tree's engine, also when run as benchmarks/perf_*.py
     sys.path.insert(0, str(REPO))
 

@@ -4,7 +4,7 @@ Why: a fast step is worth nothing if the loader cannot feed it. This measures th
 path (TwoViewDataset: PIL decode, timm RandAugment, MaskGenerator; a DataLoader configured as in
 `must_engine.train.adapt`) alone, then feeding the MUST step, then the step alone on one cached batch, so
 the slower of the two is visible. Also reports the loader's start-up time, which `adapt` pays once per
-epoch because it builds a new DataLoader (and new worker processes) for every epoch.
+run (one DataLoader over all epochs).
 
     python benchmarks/perf_input_pipeline.py --arch ViT-B-16 --batch 256 --num-workers 16 --device cuda
 """
@@ -24,6 +24,7 @@ import torch
 from perf_common import (
     CLIP_MEAN,
     CLIP_STD,
+    DTD,
     VARIANTS,
     MustStep,
     build_classifier,
@@ -44,8 +45,6 @@ from must_engine.config import MustConfig
 from must_engine.data import ResumableSampler, TwoViewDataset
 from must_engine.images import find_images, open_image
 from must_engine.masking import MaskGenerator
-
-DTD = Path("/work/shared/datasets/dtd10")
 
 
 def parse_args() -> argparse.Namespace:
