@@ -39,8 +39,9 @@ from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "datasets" / "dtd10"
+from benchmarks import SHARED_DATASETS
+
+DEFAULT_IMAGES = SHARED_DATASETS / "dtd10"
 CLASS_NAMES = ["banded", "blotchy"]
 TINY_JOB = {"epochs": 1, "batch_size": 8, "num_workers": 0}
 

@@ -25,10 +25,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
-DTD = REPO.parent / "shared" / "datasets" / "dtd10"  # the shared datasets sit beside the checkout
 if str(REPO) not in sys.path:  # import the working tree's engine, also when run as benchmarks/perf_*.py
     sys.path.insert(0, str(REPO))
 
+from benchmarks import SHARED_DATASETS  # noqa: E402
 from must_engine.config import MustConfig  # noqa: E402
 from must_engine.masking import MaskGenerator  # noqa: E402
 from must_engine.models import ImageClassifier, MustModel  # noqa: E402
@@ -45,6 +45,7 @@ TINY_CONFIGS: dict[str, dict] = {
                  "vision_cfg": {"image_size": 224, "patch_size": 32, "width": 32, "layers": 2, "head_width": 16}},
 }
 
+DTD = SHARED_DATASETS / "dtd10"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
