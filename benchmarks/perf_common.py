@@ -159,9 +159,7 @@ class MustStep:
         self.variant = variant
         self.engine_step = EngineMustStep(
             self.student, dataclasses.replace(config, compile=variant.compile), total_steps=1_000_000,
-            device=device, autocast_dtype=variant.dtype, fused=fused,
-            fair_moving=config.fair_mode == "moving_average"
-            or (config.fair_mode == "auto" and self.student.classifier.num_classes > config.batch_size),
+            device=device, autocast_dtype=variant.dtype, micro_batch=config.batch_size, fused=fused,
         )
         self.step_index = 0
         self.student.train()

@@ -115,9 +115,7 @@ def adapt(
         use_bf16 = target.type == "cuda" and config.precision in ("auto", "bf16")
         must_step = MustStep(
             student, config, total_steps=total_steps, device=target,
-            autocast_dtype=torch.bfloat16 if use_bf16 else None,
-            fair_moving=config.fair_mode == "moving_average"
-            or (config.fair_mode == "auto" and len(class_names) > micro_batch),
+            autocast_dtype=torch.bfloat16 if use_bf16 else None, micro_batch=micro_batch,
         )
         step = 0
         resumed_from: int | None = None
@@ -207,7 +205,7 @@ class MustStep:
 
     def __init__(
         self, student: MustModel, config: MustConfig, *, total_steps: int, device: torch.device,
-        autocast_dtype: torch.dtype | None, fair_moving: bool, fused: bool | None = None,
+        autocast_dtype: torch.dtype | None, micro_batch: int, fused: bool | None = None,
     ) -> None:
         self.student = student
         self.config = config
@@ -218,7 +216,11 @@ class MustStep:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.device_type = device.type
         self.autocast_dtype = autocast_dtype
-        self.fair_moving = fair_moving
+        # fair_mode "auto": a micro-batch smaller than the class count cannot estimate the mean prediction
+        # over all classes, so it takes the moving average instead.
+        self.fair_moving = config.fair_mode == "moving_average" or (
+            config.fair_mode == "auto" and student.classifier.num_classes > micro_batch
+        )
         self.fair_running: torch.Tensor | None = None
         self.forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
         self.teacher_forward = torch.compile(self.teacher.module) if config.compile else self.teacher.module

@@ -140,3 +140,23 @@ def test_classifier_keeps_the_base_models_temperature(tiny_base_model: str) -> N
     with torch.no_grad():
         base.model.logit_scale.fill_(10.0)  # exp(10) > 100: clamped like open_clip clamps it in training
     assert float(zero_shot_classifier(base, CLASSES).logit_scale) == 100.0
+
+
+@pytest.mark.parametrize(("fair_mode", "micro_batch", "moving"), [
+    ("auto", 2, True),  # 2 images cannot estimate the mean prediction over 3 classes
+    ("auto", 3, False),
+    ("batch", 2, False),
+    ("moving_average", 8, True),
+])
+def test_fairness_mode_follows_the_micro_batch(tiny_base_model: str, fair_mode: str, micro_batch: int,
+                                               moving: bool) -> None:
+    from must_engine.base_models import load_base_model
+    from must_engine.config import MustConfig
+    from must_engine.models import MustModel
+    from must_engine.train import MustStep
+    from must_engine.zeroshot import zero_shot_classifier
+
+    student = MustModel(zero_shot_classifier(load_base_model(tiny_base_model), CLASSES))
+    step = MustStep(student, MustConfig(fair_mode=fair_mode), total_steps=1,  # type: ignore[arg-type]
+                    device=torch.device("cpu"), autocast_dtype=None, micro_batch=micro_batch)
+    assert step.fair_moving is moving
