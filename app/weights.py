@@ -80,10 +80,10 @@ class WeightsFetcher:
             partial.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self.store.for_bucket(bucket).get_file(key, partial)
-            except FileNotFoundError as exc:
-                raise WeightsUnavailable(f"{uri} does not exist") from exc
-            except BaseException:
-                partial.unlink(missing_ok=True)
+            except BaseException as exc:
+                partial.unlink(missing_ok=True)  # never leave a half-written file, whatever went wrong
+                if isinstance(exc, FileNotFoundError):
+                    raise WeightsUnavailable(f"{uri} does not exist") from exc
                 raise
             os.replace(partial, target)
         return target
