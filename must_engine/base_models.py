@@ -37,11 +37,17 @@ class BaseModelError(ValueError):
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """A parsed spec: what open_clip's factory gets as model name and `pretrained`."""
+    """A parsed spec: what open_clip's factory gets as model name and `pretrained`.
+
+    `quick_gelu` is the activation the weights were trained with: OpenAI's CLIP (and every tag whose
+    open_clip pretrained config says so) used QuickGELU, and open_clip only warns when a model is built
+    with nn.GELU for them, which silently costs accuracy.
+    """
 
     spec: str
     model_name: str
     pretrained: str | None
+    quick_gelu: bool = False
 
 
 @dataclass
@@ -90,7 +96,8 @@ def parse_base_model(spec: str, pretrained: str | None = None) -> BaseModelSpec:
             f"({', '.join(open_clip.list_pretrained_tags_by_model(arch))}) nor an existing file",
             code="weights_unavailable",
         )
-    return BaseModelSpec(spec if sep else f"{arch}:{weights}", arch, weights)
+    quick_gelu = bool((open_clip.get_pretrained_cfg(arch, weights) or {}).get("quick_gelu", False))
+    return BaseModelSpec(spec if sep else f"{arch}:{weights}", arch, weights, quick_gelu)
 
 
 def check_base_model(spec: str, pretrained: str | None = None) -> None:
@@ -110,7 +117,10 @@ def model_config(spec: BaseModelSpec) -> dict[str, Any]:
     config = open_clip.get_model_config(spec.model_name)
     if config is None:
         raise BaseModelError(f"unknown open_clip architecture {spec.model_name!r}")
-    return dict(config)
+    config = dict(config)
+    if spec.quick_gelu:
+        config["quick_gelu"] = True  # stored with checkpoints and artifacts, so every rebuild matches
+    return config
 
 
 def geometry(spec: BaseModelSpec) -> ModelGeometry:
@@ -183,7 +193,9 @@ def load_base_model(
         except Exception as exc:
             raise BaseModelError(f"cannot fetch {parsed.pretrained}: {exc}", code="weights_unavailable") from exc
     try:
-        model = open_clip.create_model(parsed.model_name, pretrained=weights, device=device)
+        model = open_clip.create_model(
+            parsed.model_name, pretrained=weights, device=device, force_quick_gelu=parsed.quick_gelu
+        )
     except Exception as exc:
         raise BaseModelError(f"cannot load {parsed.spec}: {exc}", code="weights_unavailable") from exc
     tokenizer = open_clip.get_tokenizer(parsed.model_name)
