@@ -18,6 +18,47 @@ def test_paper_presets_for_vit_b16_and_l14() -> None:
     assert imagenet_l.templates == "imagenet"
 
 
+# The reference's train_configs.json (salesforce/MUST), transcribed: mask cell in pixels for the family's
+# patch size, EMA init, EMA warm-up steps, mask ratio, w_align, tau (conf_threshold), base lr, epochs,
+# and the fairness weight (1.0 where the reference adds L_fair unweighted; 0.2 for SUN397).
+REFERENCE = {
+    ("imagenet", "B"): (32, 0.999, 2000, 0.3, 0.2, 0.7, 2e-5, 30, 1.0),
+    ("imagenet", "L"): (56, 0.999, 2000, 0.3, 0.5, 0.5, 4e-5, 20, 1.0),
+    ("sun397", "B"): (32, 0.99, 500, 0.1, 1.0, 0.4, 1e-4, 20, 0.2),
+    ("sun397", "L"): (28, 0.99, 500, 0.2, 0.5, 0.3, 2e-4, 20, 0.2),
+    ("food101", "B"): (32, 0.999, 2000, 0.1, 0.1, 0.7, 2e-5, 40, 1.0),
+    ("food101", "L"): (56, 0.999, 2000, 0.1, 0.1, 0.7, 4e-5, 40, 1.0),
+    ("gtsrb", "B"): (32, 0.99, 500, 0.5, 0.5, 0.3, 2e-5, 20, 1.0),
+    ("gtsrb", "L"): (56, 0.99, 500, 0.3, 0.5, 0.2, 4e-5, 20, 1.0),
+    ("dtd", "B"): (32, 0.99, 100, 0.1, 0.2, 0.4, 2e-5, 60, 1.0),
+    ("dtd", "L"): (56, 0.99, 100, 0.1, 0.5, 0.5, 4e-5, 60, 1.0),
+    ("ucf101", "B"): (16, 0.99, 500, 0.1, 0.5, 0.5, 1e-5, 60, 1.0),
+    ("ucf101", "L"): (28, 0.99, 500, 0.1, 0.5, 0.6, 2e-5, 60, 1.0),
+    ("pets", "B"): (32, 0.99, 100, 0.1, 0.2, 0.7, 1e-5, 60, 1.0),
+    ("caltech101", "B"): (32, 0.99, 100, 0.1, 0.2, 0.7, 1e-5, 60, 1.0),
+}
+
+
+@pytest.mark.parametrize(("preset", "family"), sorted(REFERENCE))
+def test_presets_match_the_reference_table(preset: str, family: str) -> None:
+    config = resolve_config(preset, num_images=100_000, num_classes=10, geometry=B16 if family == "B" else L14)
+    resolved = (config.mask_patch, config.ema_init, config.ema_warmup, config.mask_ratio, config.w_align,
+                config.tau, config.base_lr, config.epochs, config.w_fair)
+    assert resolved == REFERENCE[preset, family]
+    # What the reference fixes for every dataset (train.py's argument defaults).
+    assert (config.batch_size, config.ema_final, config.weight_decay, config.layer_decay) == (1024, 0.9998, 0.05, 0.65)
+    assert (config.min_lr, config.warmup_steps, config.crop_scale_min) == (1e-6, 0, 0.3)
+    assert config.randaugment == "rand-m9-mstd0.5-inc1" and config.mim
+
+
+@pytest.mark.parametrize("preset", ["pets", "caltech101"])
+def test_presets_without_vit_l_values_take_the_vit_b_column_and_say_so(preset: str) -> None:
+    config = resolve_config(preset, num_images=100_000, num_classes=10, geometry=L14)
+    b16 = REFERENCE[preset, "B"]
+    assert (config.mask_patch, config.tau, config.base_lr) == (b16[0] // 16 * 14, b16[5], b16[6])
+    assert any("ViT-B/16 values" in note for note in config.notes)
+
+
 def test_every_preset_resolves_for_both_families() -> None:
     for preset in PRESETS:
         for geometry in (B16, L14):
