@@ -154,12 +154,11 @@ class MustStep:
 
     def __init__(self, classifier: ImageClassifier, config: MustConfig, device: torch.device,
                  variant: Variant, *, fused: bool | None = None, seed: int = 0) -> None:
-        torch.manual_seed(seed)  # MustModel draws [MSK], patch norm and decoder: same start for every variant
-        self.student = MustModel(copy.deepcopy(classifier)).to(device)
+        self.student = MustModel(copy.deepcopy(classifier), seed=seed).to(device)  # same start for every variant
         self.variant = variant
         self.engine_step = EngineMustStep(
             self.student, dataclasses.replace(config, compile=variant.compile), total_steps=1_000_000,
-            device=device, autocast_dtype=variant.dtype, micro_batch=config.batch_size, fused=fused,
+            device=device, autocast_dtype=variant.dtype, fused=fused,
         )
         self.step_index = 0
         self.student.train()

@@ -81,10 +81,9 @@ def make_loader(args: argparse.Namespace, size: int, patch: int, mask_patch: int
         randaugment=config.randaugment, mask_generator=MaskGenerator(size, mask_patch, patch, config.mask_ratio),
         grid_size=size // patch, seed=config.seed,
     )
-    per_epoch = len(paths) // args.batch * args.batch
-    if per_epoch == 0:
+    if args.batch > len(paths):
         raise SystemExit(f"--batch {args.batch} exceeds the {len(paths)} images under {args.root}")
-    sampler = ResumableSampler(len(paths), seed=config.seed, epochs=10_000, per_epoch=per_epoch)
+    sampler = ResumableSampler(len(paths), seed=config.seed, total=10_000 * len(paths))
     return DataLoader(dataset, batch_size=args.batch, sampler=sampler, drop_last=True,
                       num_workers=args.num_workers, pin_memory=device.type == "cuda")
 

@@ -7,6 +7,7 @@ from must_engine.base_models import (
     list_base_models,
     parse_base_model,
 )
+from must_engine.checkpoint import ResumeMismatchError
 from must_engine.config import (
     PRESETS,
     ConfigError,
@@ -27,7 +28,7 @@ from must_engine.images import (
     open_image,
 )
 from must_engine.predictor import Predictor
-from must_engine.train import AdaptCancelled, AdaptResult, Progress, ResumeMismatchError, adapt
+from must_engine.train import AdaptCancelled, AdaptResult, Progress, TrainingDiverged, adapt
 from must_engine.version import ENGINE_VERSION
 
 
@@ -44,8 +45,7 @@ def resolve_job_config(
 __all__ = [
     "DEFAULT_BASE_MODEL", "ENGINE_VERSION", "IMAGE_EXTENSIONS", "PRESETS", "AdaptCancelled", "AdaptResult",
     "ArchiveError", "ArchiveLimits", "BaseModelError", "ConfigError", "EvalResult", "ImageError", "ModelGeometry",
-    "MustConfig", "NoImagesError", "Predictor", "Progress", "ResumeMismatchError", "adapt", "check_base_model",
-    "collect_images", "evaluate", "extract_zip", "find_images", "list_base_models", "normalize_class_names",
-    "open_image",
-    "parse_base_model", "resolve_config", "resolve_job_config",
+    "MustConfig", "NoImagesError", "Predictor", "Progress", "ResumeMismatchError", "TrainingDiverged", "adapt",
+    "check_base_model", "collect_images", "evaluate", "extract_zip", "find_images", "list_base_models",
+    "normalize_class_names", "open_image", "parse_base_model", "resolve_config", "resolve_job_config",
 ]

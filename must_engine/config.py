@@ -46,8 +46,9 @@ class MustConfig:
     ema_final: float = 0.9998
     ema_warmup: int = 500  # optimizer steps over which the EMA decay ramps linearly
     w_fair: float = 1.0
-    # "auto": batch average when the micro-batch holds at least as many images as classes, else a
-    # moving average (the reference switches at a fixed 512 classes; the real issue is classes vs batch).
+    # "auto": batch average when one forward pass holds at least as many images as classes, else a moving
+    # average (the reference switches at a fixed 512 classes; the real issue is classes vs batch). Decided
+    # from the config alone (see fairness_uses_moving_average), so a resumed job never switches.
     fair_mode: Literal["auto", "batch", "moving_average"] = "auto"
     fair_momentum: float = 0.5
     # --- masked image modeling and alignment -----------------------------------------------------
@@ -189,6 +190,9 @@ _PAPER: dict[str, dict[str, dict[str, Any]]] = {
 }
 PRESETS: tuple[str, ...] = ("auto", *_PAPER)
 PAPER_BATCH_SIZE = 1024
+# Images per forward pass assumed when micro_batch_size is 0 (the device picks it, at least this many):
+# the reference's per-GPU batch.
+REFERENCE_MICRO_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -262,14 +266,20 @@ def resolve_config(
             notes.append(f"batch_size {batch_size} > {num_images} images; using {fitted}")
         batch_size = fitted
     values["batch_size"] = batch_size
-    if num_classes > batch_size and preset == "auto":
-        values["fair_mode"] = "moving_average"
 
     values.update(overrides)
     values["notes"] = tuple(notes)
     config = MustConfig(**values)
-    _validate(config, num_images=num_images, geometry=geometry)
+    validate_config(config, num_images=num_images, geometry=geometry)
     return config
+
+
+def fairness_uses_moving_average(config: MustConfig, num_classes: int) -> bool:
+    """Whether L_fair averages predictions over steps: from the config and the class count, never the device."""
+    if config.fair_mode != "auto":
+        return config.fair_mode == "moving_average"
+    per_forward = min(config.micro_batch_size or REFERENCE_MICRO_BATCH, config.batch_size)
+    return num_classes > per_forward
 
 
 def pick_device(device: str) -> torch.device:
@@ -319,7 +329,8 @@ def _check_override_types(overrides: Mapping[str, Any]) -> None:
             )
 
 
-def _validate(config: MustConfig, *, num_images: int, geometry: ModelGeometry) -> None:
+def validate_config(config: MustConfig, *, num_images: int, geometry: ModelGeometry) -> None:
+    """Every rule a config must meet to run on this many images; also checks configs built by hand."""
     for name, (low, high) in _RANGES.items():
         value = getattr(config, name)
         if not low <= value <= high:

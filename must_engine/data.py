@@ -93,26 +93,29 @@ class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
-    """(epoch, index) keys for the rest of a run, starting `start` images into the run.
+    """(epoch, index) keys for the rest of a run of `total` images, starting `start` images into it.
 
-    Each epoch is a seeded permutation truncated to `per_epoch` images (the last partial batch is
-    dropped), so one DataLoader (and one set of workers) serves every epoch.
+    The run is a stream of seeded permutations of every image, one per epoch, cut into batches without
+    regard to epoch boundaries: an epoch's remainder starts the next batch, so every image is seen once
+    per epoch however the batch divides the bucket, and one DataLoader serves the whole run.
     """
 
-    def __init__(self, num_items: int, *, seed: int, epochs: int, per_epoch: int, start: int = 0) -> None:
+    def __init__(self, num_items: int, *, seed: int, total: int, start: int = 0) -> None:
         self.num_items = num_items
         self.seed = seed
-        self.epochs = epochs
-        self.per_epoch = per_epoch
+        self.total = total
         self.start = start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        first_epoch, offset = divmod(self.start, self.per_epoch)
-        for epoch in range(first_epoch, self.epochs):
+        epoch, offset = divmod(self.start, self.num_items)
+        remaining = len(self)
+        while remaining > 0:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(self.num_items, generator=generator).tolist()[: self.per_epoch]
-            for index in order[offset if epoch == first_epoch else 0 :]:
+            order = torch.randperm(self.num_items, generator=generator).tolist()[offset : offset + remaining]
+            for index in order:
                 yield epoch, index
+            remaining -= len(order)
+            epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:
-        return self.epochs * self.per_epoch - self.start
+        return max(0, self.total - self.start)

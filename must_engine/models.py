@@ -24,6 +24,9 @@ class ImageClassifier(nn.Module):
     The paper fixes the scale at 100, which is exactly CLIP's learned value; a base model that learned
     another temperature (the proxy: ~14) keeps its own, or its probabilities (and so tau) lose meaning.
     The scale is a buffer: fixed during training, saved with the weights.
+
+    The head runs in fp32 even under bf16 autocast: at scale 100, bf16 logits of 16-32 are rounded to
+    steps of 0.125, enough to move a teacher confidence across tau.
     """
 
     def __init__(self, visual: VisionTransformer, head: torch.Tensor, logit_scale: float = CLIP_LOGIT_SCALE) -> None:
@@ -40,7 +43,12 @@ class ImageClassifier(nn.Module):
         return int(self.head.shape[1])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(self.visual(images), dim=-1) @ self.head
+        return self.logits(self.visual(images))
+
+    def logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, D) projected image embedding -> (B, K) fp32 logits, outside autocast."""
+        with torch.autocast(embedding.device.type, enabled=False):
+            return self.logit_scale * F.normalize(embedding.float(), dim=-1) @ self.head.float()
 
 
 @dataclass
@@ -52,19 +60,28 @@ class MaskedOutput:
 
 
 class MustModel(nn.Module):
-    """Student (and, deep-copied, EMA teacher) of MUST."""
+    """Student (and, deep-copied, EMA teacher) of MUST.
 
-    def __init__(self, classifier: ImageClassifier) -> None:
+    The new modules are initialised from `seed` (without touching the global RNG), so two runs with the
+    same seed start from the same [MSK] token and decoder. Patch dropout, if the base model was built
+    with it, is switched off: the decoder needs one token per patch, and masking already is the method's
+    token-level regulariser.
+    """
+
+    def __init__(self, classifier: ImageClassifier, seed: int = 0) -> None:
         super().__init__()
         self.classifier = classifier
         visual = classifier.visual
+        visual.patch_dropout = nn.Identity()
         width = visual.conv1.out_channels
         patch = visual.patch_size[0]
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.ln_patch = nn.LayerNorm(width)
-        # SimMIM's linear decoder: one 1x1 conv per token to its patch's pixels, then un-patchify.
-        self.decoder = nn.Sequential(nn.Conv2d(width, patch * patch * 3, kernel_size=1), nn.PixelShuffle(patch))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+            nn.init.normal_(self.mask_token, std=0.02)
+            self.ln_patch = nn.LayerNorm(width)
+            # SimMIM's linear decoder: one 1x1 conv per token to its patch's pixels, then un-patchify.
+            self.decoder = nn.Sequential(nn.Conv2d(width, patch * patch * 3, kernel_size=1), nn.PixelShuffle(patch))
 
     @property
     def patch_size(self) -> int:
@@ -81,12 +98,12 @@ class MustModel(nn.Module):
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        x = visual.ln_pre(visual.patch_dropout(x))
-        x = visual.transformer(x)
+        x = visual.transformer(visual.ln_pre(x))
 
         pooled, _ = visual._pool(x)  # ln_post + [CLS], exactly as the unmasked forward
-        cls_embedding = F.normalize(pooled @ visual.proj, dim=-1)
-        logits = self.classifier.logit_scale * cls_embedding @ self.classifier.head
+        projected = pooled @ visual.proj
+        cls_embedding = F.normalize(projected, dim=-1)
+        logits = self.classifier.logits(projected)
 
         patches = self.ln_patch(x[:, 1:])
         batch, tokens, width = patches.shape

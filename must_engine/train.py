@@ -23,8 +23,21 @@ from torch.utils.data import DataLoader
 
 from must_engine.artifact import build_classifier, preprocess_metadata, save_artifact
 from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, geometry, load_base_model, parse_base_model
-from must_engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from must_engine.config import MustConfig, normalize_class_names, pick_device, resolve_config
+from must_engine.checkpoint import (
+    check_resume,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from must_engine.config import (
+    MustConfig,
+    fairness_uses_moving_average,
+    normalize_class_names,
+    pick_device,
+    resolve_config,
+    validate_config,
+)
 from must_engine.data import ResumableSampler, TwoViewDataset, collect_images
 from must_engine.ema import EmaTeacher, ema_decay
 from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss
@@ -38,8 +51,10 @@ class AdaptCancelled(RuntimeError):
     """should_stop() asked the run to end; the last checkpoint stays in work_dir."""
 
 
-class ResumeMismatchError(ValueError):
-    """work_dir holds a checkpoint of a different job."""
+class TrainingDiverged(FloatingPointError):
+    """A loss or gradient became non-finite; the run stopped before that optimizer step touched the weights."""
+
+    code = "training_diverged"
 
 
 @dataclass
@@ -92,12 +107,14 @@ def adapt(
         config = config or resolve_config(
             num_images=len(paths), num_classes=len(class_names), geometry=shape
         )
+        validate_config(config, num_images=len(paths), geometry=shape)  # a hand-built config too
+        torch.manual_seed(config.seed)
         checkpoint = load_checkpoint(work_dir)
 
         # ---- model: zero-shot head from the text tower, or the checkpoint's weights ----------------
         if checkpoint is not None:
-            _check_resume(checkpoint, class_names=class_names, base_model=spec.spec, num_images=len(paths))
-            config = MustConfig.from_dict(checkpoint["config"])
+            check_resume(checkpoint, class_names=class_names, base_model=spec.spec, num_images=len(paths),
+                         config=config.to_dict())
             model_cfg, preprocess_cfg = checkpoint["model_cfg"], checkpoint["preprocess_cfg"]
             classifier = build_classifier(model_cfg, len(class_names))
         else:
@@ -105,17 +122,22 @@ def adapt(
             classifier = zero_shot_classifier(base, class_names, config.templates)
             model_cfg, preprocess_cfg = base.model_cfg, base.preprocess_cfg
             del base  # the text tower is not needed any more
-        student = MustModel(classifier).to(target)
+        student = MustModel(classifier, seed=config.seed).to(target)
 
         # ---- schedule ------------------------------------------------------------------------------
         micro_batch = config.micro_batch_size or _default_micro_batch(config.batch_size, target)
         accumulation = config.batch_size // micro_batch
-        steps_per_epoch = len(paths) // config.batch_size
-        total_steps = steps_per_epoch * config.epochs
+        # An epoch is every image once: batches run on across epoch boundaries (the remainder of one
+        # epoch starts the next batch), so no image is skipped however the batch divides the bucket.
+        total_steps = math.ceil(config.epochs * len(paths) / config.batch_size)
+
+        def epoch_at(step: int) -> int:
+            return min(config.epochs, step * config.batch_size // len(paths))
+
         use_bf16 = target.type == "cuda" and config.precision in ("auto", "bf16")
         must_step = MustStep(
             student, config, total_steps=total_steps, device=target,
-            autocast_dtype=torch.bfloat16 if use_bf16 else None, micro_batch=micro_batch,
+            autocast_dtype=torch.bfloat16 if use_bf16 else None,
         )
         step = 0
         resumed_from: int | None = None
@@ -123,7 +145,7 @@ def adapt(
             must_step.load_state_dict(checkpoint)
             restore_rng_state(checkpoint["rng"])
             step = resumed_from = int(checkpoint["step"])
-            report(Progress(step, total_steps, step // steps_per_epoch, config.epochs,
+            report(Progress(step, total_steps, epoch_at(step), config.epochs,
                             message=f"resumed from checkpoint at step {step}"))
         else:
             report(Progress(0, total_steps, 0, config.epochs, message=(
@@ -151,8 +173,8 @@ def adapt(
         workers = config.num_workers if config.num_workers >= 0 else min(8, os.cpu_count() or 1)
 
         def micro_batches() -> Iterator[list[torch.Tensor]]:
-            sampler = ResumableSampler(len(paths), seed=config.seed, epochs=config.epochs,
-                                       per_epoch=steps_per_epoch * config.batch_size, start=step * config.batch_size)
+            sampler = ResumableSampler(len(paths), seed=config.seed, total=total_steps * config.batch_size,
+                                       start=step * config.batch_size)
             loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=workers,
                                 pin_memory=target.type == "cuda", prefetch_factor=4 if workers else None)
             for batch in loader:
@@ -171,9 +193,7 @@ def adapt(
 
             if step % config.log_every == 0 or step == total_steps:
                 last_metrics = must_step.report_metrics(time.perf_counter() - tick)
-                if not math.isfinite(last_metrics["loss"]):
-                    raise FloatingPointError(f"non-finite loss before step {step}: {last_metrics}")
-                report(Progress(step, total_steps, step // steps_per_epoch, config.epochs, last_metrics))
+                report(Progress(step, total_steps, epoch_at(step), config.epochs, last_metrics))
                 tick = time.perf_counter()
             if work_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps):
                 path = save_checkpoint(work_dir, {
@@ -201,11 +221,13 @@ class MustStep:
     Per micro-batch: the EMA teacher pseudo-labels the weak view; the student sees the masked strong view;
     self-training + fairness + MIM + alignment losses; backward. Then AdamW, the lr schedule, and the EMA
     update with the ramped decay. Owns everything a checkpoint must hold to continue exactly.
+    A non-finite loss or gradient stops the step before the optimizer touches the weights (one host sync
+    per optimizer step, none per micro-batch), so no checkpoint or artifact ever holds NaN weights.
     """
 
     def __init__(
         self, student: MustModel, config: MustConfig, *, total_steps: int, device: torch.device,
-        autocast_dtype: torch.dtype | None, micro_batch: int, fused: bool | None = None,
+        autocast_dtype: torch.dtype | None, fused: bool | None = None,
     ) -> None:
         self.student = student
         self.config = config
@@ -216,11 +238,7 @@ class MustStep:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.device_type = device.type
         self.autocast_dtype = autocast_dtype
-        # fair_mode "auto": a micro-batch smaller than the class count cannot estimate the mean prediction
-        # over all classes, so it takes the moving average instead.
-        self.fair_moving = config.fair_mode == "moving_average" or (
-            config.fair_mode == "auto" and student.classifier.num_classes > micro_batch
-        )
+        self.fair_moving = fairness_uses_moving_average(config, student.classifier.num_classes)
         self.fair_running: torch.Tensor | None = None
         self.forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
         self.teacher_forward = torch.compile(self.teacher.module) if config.compile else self.teacher.module
@@ -272,14 +290,26 @@ class MustStep:
         total = torch.zeros(())
         for _ in range(accumulation):
             weak, strong, mask = next(micro_batches)
-            loss, _ = self.losses(weak, strong, mask)
+            loss, parts = self.losses(weak, strong, mask)
             (loss / accumulation).backward()
             total = total.to(loss.device) + loss.detach() / accumulation
+        gradients = [p.grad for p in self.student.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=total.device)
+        if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            values = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in parts.items())
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at optimizer step {step + 1} (loss={float(total):.4g}, "
+                f"grad_norm={float(grad_norm):.4g}; last micro-batch: {values}); the weights were not updated "
+                "and the last checkpoint is intact. Lower base_lr, or check the images."
+            )
+        self.meter.grad_norm = self.meter.grad_norm + grad_norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.teacher.update(self.decay)
         self.meter.images += self.config.batch_size
+        self.meter.steps += 1
         return total
 
     def report_metrics(self, elapsed: float) -> dict[str, float]:
@@ -311,16 +341,6 @@ def _default_micro_batch(batch_size: int, device: torch.device) -> int:
     return max(d for d in range(1, min(batch_size, cap) + 1) if batch_size % d == 0)
 
 
-def _check_resume(checkpoint: dict, *, class_names: list[str], base_model: str, num_images: int) -> None:
-    expected = {"class_names": class_names, "base_model": base_model, "num_images": num_images}
-    for key, value in expected.items():
-        if checkpoint.get(key) != value:
-            raise ResumeMismatchError(
-                f"the checkpoint in the work directory belongs to another job ({key} differs); "
-                "use a fresh work directory"
-            )
-
-
 class _Meter:
     """Label-free training signals averaged over the micro-batches since the last report.
 
@@ -330,7 +350,9 @@ class _Meter:
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.steps = 0
         self.images = 0
+        self.grad_norm = torch.zeros(())
         self.histogram: torch.Tensor | None = None
 
     def add_micro_batch(
@@ -355,6 +377,7 @@ class _Meter:
             p = (self.histogram / self.histogram.sum()).cpu()
             entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
             metrics["pseudo_label_entropy"] = entropy / math.log(len(p))  # 1.0 = perfectly balanced
+        metrics["grad_norm"] = float(self.grad_norm) / max(1, self.steps)
         metrics["images_per_s"] = self.images / elapsed if elapsed > 0 else 0.0
         metrics.update(extra)
         return metrics

@@ -38,7 +38,16 @@ from app.settings import Settings
 from app.storage import ObjectStore, StorageError, download_prefix, object_key, upload_directory
 from app.validation import ImageLimits, InputError, check_images, images_in_directory, resolve_config
 from app.weights import WeightsFetcher
-from must_engine import AdaptCancelled, AdaptResult, BaseModelError, ConfigError, Progress, adapt
+from must_engine import (
+    AdaptCancelled,
+    AdaptResult,
+    BaseModelError,
+    ConfigError,
+    Progress,
+    ResumeMismatchError,
+    TrainingDiverged,
+    adapt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +190,7 @@ class AdaptationRunner:
             except InputError as exc:
                 self._fail(spec, exc.code, exc.message)
                 return f"failed: {exc.code}"
-            except (BaseModelError, ConfigError) as exc:
+            except (BaseModelError, ConfigError, TrainingDiverged, ResumeMismatchError) as exc:
                 self._fail(spec, exc.code, str(exc))
                 return f"failed: {exc.code}"
             except Exception as exc:

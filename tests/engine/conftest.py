@@ -21,13 +21,14 @@ TINY_MODEL_CFG = {
 }
 
 
-def write_tiny_model(directory: Path, seed: int = 0) -> str:
+def write_tiny_model(directory: Path, seed: int = 0, model_cfg: dict | None = None) -> str:
     """A real open_clip CLIP with random weights, saved so open_clip loads it as `local-dir:`."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_MODEL_CFG)
+    model_cfg = model_cfg or TINY_MODEL_CFG
+    model = open_clip.CLIP(**model_cfg)
     (directory / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": TINY_MODEL_CFG,
+        "model_cfg": model_cfg,
         "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
     }))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
@@ -38,6 +39,13 @@ def write_tiny_model(directory: Path, seed: int = 0) -> str:
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def patch_dropout_base_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model as if it had been trained with patch dropout (open_clip's `patch_dropout`)."""
+    cfg = {**TINY_MODEL_CFG, "vision_cfg": {**TINY_MODEL_CFG["vision_cfg"], "patch_dropout": 0.5}}
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-clip-patch-dropout"), model_cfg=cfg)
 
 
 @pytest.fixture(scope="session")

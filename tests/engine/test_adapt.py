@@ -142,14 +142,13 @@ def test_classifier_keeps_the_base_models_temperature(tiny_base_model: str) -> N
     assert float(zero_shot_classifier(base, CLASSES).logit_scale) == 100.0
 
 
-@pytest.mark.parametrize(("fair_mode", "micro_batch", "moving"), [
-    ("auto", 2, True),  # 2 images cannot estimate the mean prediction over 3 classes
-    ("auto", 3, False),
-    ("batch", 2, False),
-    ("moving_average", 8, True),
+@pytest.mark.parametrize(("overrides", "moving"), [
+    ({"micro_batch_size": 2, "batch_size": 8}, True),  # 2 images cannot estimate the mean over 3 classes
+    ({"micro_batch_size": 4, "batch_size": 8}, False),
+    ({"fair_mode": "moving_average"}, True),
 ])
-def test_fairness_mode_follows_the_micro_batch(tiny_base_model: str, fair_mode: str, micro_batch: int,
-                                               moving: bool) -> None:
+def test_fairness_mode_comes_from_the_config_not_the_device(tiny_base_model: str, overrides: dict,
+                                                            moving: bool) -> None:
     from must_engine.base_models import load_base_model
     from must_engine.config import MustConfig
     from must_engine.models import MustModel
@@ -157,6 +156,5 @@ def test_fairness_mode_follows_the_micro_batch(tiny_base_model: str, fair_mode: 
     from must_engine.zeroshot import zero_shot_classifier
 
     student = MustModel(zero_shot_classifier(load_base_model(tiny_base_model), CLASSES))
-    step = MustStep(student, MustConfig(fair_mode=fair_mode), total_steps=1,  # type: ignore[arg-type]
-                    device=torch.device("cpu"), autocast_dtype=None, micro_batch=micro_batch)
+    step = MustStep(student, MustConfig(**overrides), total_steps=1, device=torch.device("cpu"), autocast_dtype=None)
     assert step.fair_moving is moving

@@ -2,7 +2,14 @@
 
 import pytest
 
-from must_engine.config import PRESETS, ConfigError, ModelGeometry, MustConfig, resolve_config
+from must_engine.config import (
+    PRESETS,
+    ConfigError,
+    ModelGeometry,
+    MustConfig,
+    fairness_uses_moving_average,
+    resolve_config,
+)
 
 B16 = ModelGeometry(image_size=224, patch_size=16)
 L14 = ModelGeometry(image_size=224, patch_size=14, large=True)
@@ -72,9 +79,21 @@ def test_auto_shrinks_the_batch_to_the_data_and_says_so() -> None:
     assert any("batch_size" in note for note in config.notes)
 
 
-def test_auto_uses_the_moving_average_when_classes_outnumber_the_batch() -> None:
-    config = resolve_config(num_images=100, num_classes=200, geometry=B16)
-    assert config.fair_mode == "moving_average"
+@pytest.mark.parametrize(
+    ("overrides", "num_classes", "moving"),
+    [
+        ({}, 64, False),  # one forward pass of the reference's 64 images covers 64 classes
+        ({}, 65, True),
+        ({"micro_batch_size": 128}, 100, False),
+        ({"micro_batch_size": 16}, 20, True),
+        ({"batch_size": 32}, 40, True),  # a forward pass never holds more than the batch
+        ({"fair_mode": "batch"}, 500, False),
+        ({"fair_mode": "moving_average"}, 2, True),
+    ],
+)
+def test_fairness_mode_follows_the_config_and_class_count(overrides: dict, num_classes: int, moving: bool) -> None:
+    config = resolve_config(overrides=overrides, num_images=1000, num_classes=num_classes, geometry=B16)
+    assert fairness_uses_moving_average(config, num_classes) is moving
 
 
 def test_overrides_win_and_round_trip_through_dicts() -> None:

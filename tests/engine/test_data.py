@@ -24,9 +24,11 @@ def test_reference_randaugment_policy_survives_its_whole_magnitude_range() -> No
 
 
 def test_sampler_resumes_mid_epoch_with_the_same_keys() -> None:
-    full = list(ResumableSampler(10, seed=3, epochs=3, per_epoch=8))
-    assert len(full) == 24 and [epoch for epoch, _ in full] == [0] * 8 + [1] * 8 + [2] * 8
+    full = list(ResumableSampler(10, seed=3, total=24))  # 2.4 epochs: the remainder runs into epoch 2
+    assert len(full) == 24 and [epoch for epoch, _ in full] == [0] * 10 + [1] * 10 + [2] * 4
+    for epoch in (0, 1):
+        assert sorted(index for e, index in full if e == epoch) == list(range(10))  # every image once
     for start in (0, 5, 8, 13, 23):
-        resumed = ResumableSampler(10, seed=3, epochs=3, per_epoch=8, start=start)
+        resumed = ResumableSampler(10, seed=3, total=24, start=start)
         assert list(resumed) == full[start:] and len(resumed) == 24 - start
-    assert list(ResumableSampler(10, seed=4, epochs=3, per_epoch=8)) != full
+    assert list(ResumableSampler(10, seed=4, total=24)) != full
