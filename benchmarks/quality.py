@@ -1,10 +1,17 @@
-"""Quality benchmark: zero-shot vs self-training vs ST+MIM vs full MUST on shifted targets (Table 5 style).
+"""Quality benchmark: the product's default beside the Table 5 ablation and peer methods, per shifted target.
 
-Each target is a labelled folder `<targets>/<shift>/<class>/<image>`. Adaptation reads the folder
-without labels (transductive adaptation, the paper's section 4.8); only evaluation reads the labels.
-Hyperparameters are CALIBRATED (picked on the dev shift only) plus --preset/--set, the same for every shift.
+Each target is a labelled folder `<targets>/<shift>/<class>/<image>`. Adaptation reads the folder without
+labels (transductive adaptation, the paper's section 4.8); only scoring reads the labels. Variants:
+- `zero_shot`; `auto`: what a team gets, `must adapt` with no settings at all (preset auto, no overrides);
+  `auto_balanced`: auto's probabilities balanced over the target (Sinkhorn, as `balanced` below);
+- the Table 5 ablation `self_training`, `st_mim`, `must` with the CALIBRATED hyperparameters (picked on the
+  dev shift only) plus --preset/--set, the same for every shift;
+- peers (benchmarks/peers.py): `balanced`, `em_prior` (training-free), `tent` (norm-layer entropy tuning).
 
-    python -m benchmarks.quality --targets runs/shifts1k --json runs/quality.json
+Rows are appended to --jsonl as each run finishes ({target, variant, seed, top1, ...}); a rerun skips the rows
+already there, so a table of several hours survives interruptions.
+
+    python -m benchmarks.quality --targets runs/shifts1k --jsonl runs/quality.jsonl --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -13,12 +20,17 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from must_engine import Predictor, adapt, evaluate, find_images, resolve_job_config
+import torch
+
+from benchmarks.peers import em_prior, sinkhorn_balance, tent
+from must_engine import Predictor, adapt, resolve_job_config
 from must_engine.cli import parse_override
 from must_engine.evaluate import labelled_folders
+from must_engine.images import open_image
 
 # Picked on the dev shift (gaussian_noise) only, then used unchanged on every other shift (docs/BENCHMARKS.md):
 # the paper's lr and strong view are tuned for hours of ViT-B/16 on 224 px photos, not 75 steps of a 32 px proxy.
@@ -26,47 +38,87 @@ CALIBRATED: dict[str, Any] = {
     "batch_size": 64, "epochs": 5, "base_lr": 2e-3, "ema_final": 0.995, "tau": 0.7, "w_fair": 3.0,
     "randaugment": "rand-n1-m2-mstd0.5-inc1", "crop_scale_min": 0.8,
 }
-
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "zero_shot": None,
+ABLATION: dict[str, dict[str, Any]] = {
     "self_training": {"mim": False},
     "st_mim": {"mim": True, "w_align": 0.0},
     "must": {"mim": True},
 }
+PEERS: dict[str, Callable[[Predictor, torch.Tensor, int], torch.Tensor]] = {
+    "balanced": lambda predictor, pixels, seed: sinkhorn_balance(predictor.probabilities(pixels)),
+    "em_prior": lambda predictor, pixels, seed: em_prior(predictor.probabilities(pixels)),
+    "tent": lambda predictor, pixels, seed: tent(predictor.classifier, pixels, seed=seed),
+}
+VARIANTS = ["zero_shot", "auto", "auto_balanced", *ABLATION, *PEERS]
+
+
+def labelled_pixels(predictor: Predictor, target: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of the target, preprocessed for this predictor, and its label index (for scoring only)."""
+    folders = labelled_folders(target)
+    names = [name.casefold() for name in predictor.class_names]
+    samples = [(path, names.index(name.casefold())) for name, paths in folders.items() for path in paths]
+    pixels = torch.cat([
+        predictor.preprocess([open_image(path, draft_size=2 * predictor.size) for path, _ in samples[i : i + 256]])
+        for i in range(0, len(samples), 256)
+    ])
+    return pixels, torch.tensor([label for _, label in samples])
+
+
+def score(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    correct = probs.argmax(dim=-1) == labels
+    per_class = [float(correct[labels == k].float().mean()) for k in labels.unique().tolist()]
+    return {"top1": float(correct.float().mean()), "mean_per_class": sum(per_class) / len(per_class)}
 
 
 def run_target(
-    target: Path, *, base_model: str, preset: str, overrides: dict[str, Any], variants: list[str], device: str
+    target: Path, *, base_model: str, preset: str, overrides: dict[str, Any], variants: list[str], device: str,
+    seed: int = 0, on_row: Callable[[str, dict[str, float]], None] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Top-1 and mean-per-class accuracy (and seconds) of each variant on one labelled target."""
     class_names = list(labelled_folders(target))
-    num_images = len(find_images(target))
+    zero_shot = Predictor.zero_shot(base_model, class_names, device=device)
+    pixels, labels = labelled_pixels(zero_shot, target)
+    auto_probs: torch.Tensor | None = None
     results: dict[str, dict[str, float]] = {}
     for variant in variants:
         started = time.perf_counter()
-        extra = VARIANTS[variant]
-        if extra is None:
-            predictor = Predictor.zero_shot(base_model, class_names, device=device)
+        if variant == "zero_shot":
+            probs = zero_shot.probabilities(pixels)
+        elif variant in PEERS:
+            probs = PEERS[variant](zero_shot, pixels, seed)
+        elif variant in ("auto", "auto_balanced"):
+            if auto_probs is None:
+                auto_probs = adapted_probabilities(target, class_names, pixels, base_model=base_model,
+                                                   preset="auto", overrides={"seed": seed}, device=device)
+            probs = auto_probs if variant == "auto" else sinkhorn_balance(auto_probs)
         else:
-            config = resolve_job_config(preset, {**overrides, **extra}, num_images=num_images,
-                                        num_classes=len(class_names), base_model=base_model)
-            with tempfile.TemporaryDirectory() as out:
-                adapt(target, class_names, Path(out), base_model=base_model, config=config, device=device)
-                predictor = Predictor.load(Path(out), device=device)
-        accuracy = evaluate(predictor, target)
-        results[variant] = {"top1": accuracy.top1, "mean_per_class": accuracy.mean_per_class,
-                            "seconds": time.perf_counter() - started}
-        print(f"  {target.name:<18} {variant:<14} top-1 {accuracy.top1:.4f}  "
+            probs = adapted_probabilities(target, class_names, pixels, base_model=base_model, preset=preset,
+                                          overrides={**overrides, **ABLATION[variant], "seed": seed}, device=device)
+        results[variant] = {**score(probs, labels), "seconds": time.perf_counter() - started}
+        print(f"  {target.name:<18} {variant:<14} seed {seed} top-1 {results[variant]['top1']:.4f}  "
               f"({results[variant]['seconds']:.0f} s)", flush=True)
+        if on_row is not None:
+            on_row(variant, results[variant])
     return results
 
 
+def adapted_probabilities(
+    target: Path, class_names: list[str], pixels: torch.Tensor, *, base_model: str, preset: str,
+    overrides: dict[str, Any], device: str,
+) -> torch.Tensor:
+    config = resolve_job_config(preset, overrides, num_images=len(pixels), num_classes=len(class_names),
+                                base_model=base_model)
+    with tempfile.TemporaryDirectory() as out:
+        adapt(target, class_names, Path(out), base_model=base_model, config=config, device=device)
+        return Predictor.load(Path(out), device=device).probabilities(pixels)
+
+
 def print_table(table: dict[str, dict[str, dict[str, float]]], variants: list[str]) -> None:
+    """Top-1 per target and variant (this invocation's runs; a variant missing from a row prints as -)."""
     print("\n| target | " + " | ".join(variants) + " |")
     print("|---" * (len(variants) + 1) + "|")
     for target, results in table.items():
-        print(f"| {target} | " + " | ".join(f"{100 * results[v]['top1']:.2f}" for v in variants) + " |")
-    mean = {v: sum(r[v]["top1"] for r in table.values()) / len(table) for v in variants}
-    print("| **mean** | " + " | ".join(f"**{100 * mean[v]:.2f}**" for v in variants) + " |")
+        cells = [f"{100 * results[v]['top1']:.2f}" if v in results else "-" for v in variants]
+        print(f"| {target} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -74,28 +126,51 @@ def main() -> None:
     parser.add_argument("--targets", type=Path, required=True, help="folder of labelled target folders")
     parser.add_argument("--only", help="comma-separated target names (default: all)")
     parser.add_argument("--base-model", default="proxy-cifar10-tiny")
-    parser.add_argument("--preset", default="auto")
+    parser.add_argument("--preset", default="auto", help="preset of the ablation variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one field on top of the calibrated defaults (CALIBRATED)")
+                        help="override one field of the ablation variants on top of CALIBRATED")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (adaptations and tent)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", type=Path, help="write all figures here")
+    parser.add_argument("--jsonl", type=Path, help="append one row per finished run; rows already there are skipped")
     args = parser.parse_args()
 
     overrides = {**CALIBRATED, **dict(parse_override(item) for item in args.set)}
     variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose among {', '.join(VARIANTS)}")
     targets = sorted(p for p in args.targets.iterdir() if p.is_dir())
     if args.only:
         targets = [p for p in targets if p.name in args.only.split(",")]
-    table = {}
-    for target in targets:
-        table[target.name] = run_target(target, base_model=args.base_model, preset=args.preset,
-                                        overrides=overrides, variants=variants, device=args.device)
-    print_table(table, variants)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"overrides": overrides, "preset": args.preset,
-                                         "base_model": args.base_model, "results": table}, indent=2))
+    done = _finished_rows(args.jsonl)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for target in targets:
+            todo = [v for v in variants if (target.name, v, seed) not in done]
+            if not todo:
+                continue
+
+            def append(variant: str, row: dict[str, float], target: Path = target, seed: int = seed) -> None:
+                if args.jsonl is not None:
+                    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+                    with args.jsonl.open("a") as handle:
+                        handle.write(json.dumps({"target": target.name, "variant": variant, "seed": seed,
+                                                 "base_model": args.base_model, "overrides": overrides, **row}) + "\n")
+
+            table[f"{target.name} (seed {seed})"] = run_target(
+                target, base_model=args.base_model, preset=args.preset, overrides=overrides, variants=todo,
+                device=args.device, seed=seed, on_row=append,
+            )
+    if table:
+        print_table(table, variants)
+
+
+def _finished_rows(path: Path | None) -> set[tuple[str, str, int]]:
+    if path is None or not path.is_file():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(row["target"], row["variant"], int(row["seed"])) for row in rows}
 
 
 if __name__ == "__main__":

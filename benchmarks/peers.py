@@ -1,0 +1,77 @@
+"""Peer methods the default adaptation must beat, on the same targets as benchmarks/quality.py.
+
+Training-free and transductive (they see every image of the target at once, as bucket predictions do):
+- `balanced`: Sinkhorn-Knopp rescaling of the zero-shot probabilities to the uniform class marginal that
+  MUST's fairness term assumes (the balanced assignment of SwAV / SeLa), then argmax.
+- `em_prior`: EM re-estimation of the target's class prior (Saerens, Latinne & Decaestecker, 2002), with the
+  zero-shot head's implied prior taken as uniform, then the re-weighted posterior's argmax.
+A cheap tuning one:
+- `tent`: entropy minimisation on the image tower's LayerNorm affine parameters (TENT, Wang et al. 2021), with
+  the marginal-entropy (diversity) term of SHOT/UEO so that it cannot collapse onto one class; one pass.
+
+Each function takes what zero-shot gives and returns class probabilities (N, K); labels are never read here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from must_engine.models import ImageClassifier
+
+
+def sinkhorn_balance(probs: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """Rows still sum to 1, columns to N/K: the closest (in KL) assignment with a uniform class marginal."""
+    q = probs.double().clamp(min=1e-12)
+    n, k = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=0, keepdim=True) * (n / k)
+        q = q / q.sum(dim=1, keepdim=True)
+    return q.float()
+
+
+def em_prior(probs: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> torch.Tensor:
+    """Posterior under the target prior that EM finds self-consistent with the zero-shot likelihoods."""
+    k = probs.shape[1]
+    source = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    prior = source.clone()
+    posterior = probs.double()
+    for _ in range(iterations):
+        weighted = probs.double() * (prior / source)
+        posterior = weighted / weighted.sum(dim=1, keepdim=True)
+        updated = posterior.mean(dim=0)
+        converged = float((updated - prior).abs().max()) < tolerance
+        prior = updated
+        if converged:
+            break
+    return posterior.float()
+
+
+def tent(
+    classifier: ImageClassifier, pixels: torch.Tensor, *, lr: float = 1e-3, batch_size: int = 64,
+    epochs: int = 1, seed: int = 0,
+) -> torch.Tensor:
+    """Tune LayerNorm weights and biases to minimise prediction entropy (minus batch-marginal entropy)."""
+    model = copy.deepcopy(classifier).train()
+    norms = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in norms:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(norms, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(pixels), generator=generator).split(batch_size):
+            probs = model(pixels[batch]).softmax(dim=-1)
+            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1).mean()
+            marginal = probs.mean(dim=0)
+            diversity = -(marginal * marginal.clamp(min=1e-12).log()).sum()
+            loss = entropy - diversity
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(chunk).softmax(dim=-1) for chunk in pixels.split(256)])
