@@ -205,6 +205,8 @@ def test_bad_class_names(team, assert_rejected, dtd_images, class_names: str, co
         ({"metadata": "[]"}, "invalid_request", "metadata"),
         ({"metadata": json.dumps({"blob": "x" * 20_000})}, "metadata_too_large", "metadata"),
         ({"colour": "blue"}, "unknown_field", "colour"),
+        ({"config": '{"epochs": 1, "epochs": 5}'}, "duplicate_parameter", "config.epochs"),
+        ({"base_model": ["proxy-cifar10-tiny", "other"]}, "duplicate_parameter", "base_model"),
     ],
 )
 def test_bad_fields(team, assert_rejected, dtd_images, fields: dict[str, str], code: str, param: str) -> None:
@@ -252,7 +254,9 @@ def test_oversized_chunked_upload_is_413(
     [
         ({"class_names": ["a", "b"]}, "invalid_request", "source"),
         ({"class_names": "a,b", "source": {"bucket": "b"}}, "invalid_request", "class_names"),
-        ({"class_names": ["a", "b"], "source": {"bucket": "b"}, "extra": 1}, "invalid_request", "extra"),
+        ({"class_names": ["a", "b"], "source": {"bucket": "b"}, "extra": 1}, "unknown_field", "extra"),
+        ({"class_names": ["a", "b"], "source": {"bucket": "b", "prefixes": "x"}}, "unknown_field", "source.prefixes"),
+        ({"class_names": ["a", "b"], "sources": {"bucket": "b"}}, "unknown_field", "sources"),  # not `missing source`
         ({"class_names": ["a", "b"], "source": {"bucket": "b"}, "metadata": [1]}, "invalid_request", "metadata"),
     ],
 )
