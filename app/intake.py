@@ -7,7 +7,6 @@ inserted. The message is sent after the commit; if the broker is down the sweepe
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from app.schemas import AdaptationFromSource
 from app.services import Services
 from app.settings import Settings
 from app.storage import InvalidKeyError, check_source_prefix, object_key
-from app.uploads import MultipartForm, UploadedFile, read_json, read_multipart
+from app.uploads import MultipartForm, UploadedFile, loads_json, read_json, read_multipart
 from app.validation import (
     ImageLimits,
     InputError,
@@ -141,7 +140,7 @@ def _json_field(form: MultipartForm, name: str) -> dict[str, Any]:
     if text is None or not text.strip():
         return {}
     try:
-        value = json.loads(text)
+        value = loads_json(text, name)
     except ValueError as exc:
         raise InputError("malformed_json", f"{name} is not valid JSON: {exc}", name) from exc
     if not isinstance(value, dict):

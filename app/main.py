@@ -8,12 +8,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
+from app.api.deps import check_query_parameters
 from app.api.routes import adaptations, classify, health, models
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Label-free image classifiers: CLIP zero-shot heads adapted to a team's unlabeled images.",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(check_query_parameters)],
         responses={
             "4XX": {"model": ErrorBody, "description": "Client error"},
             "5XX": {"model": ErrorBody, "description": "Server error"},

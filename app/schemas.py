@@ -163,7 +163,7 @@ class ClassifyImages(StrictBody):
     """JSON form of `POST /models/{id}/classify`: base64-encoded image bytes."""
 
     images: list[str] = Field(min_length=1)
-    top_k: int = 5
+    top_k: int = Field(default=5, description="Or the `top_k` query parameter; where both are sent they must agree.")
 
 
 class ZeroShotClassify(StrictBody):
@@ -172,7 +172,7 @@ class ZeroShotClassify(StrictBody):
     images: list[str] = Field(min_length=1)
     class_names: list[str]
     base_model: str | None = None
-    top_k: int = 5
+    top_k: int = Field(default=5, description="Or the `top_k` query parameter; where both are sent they must agree.")
 
 
 class Prediction(BaseModel):

@@ -46,7 +46,7 @@ class MultipartForm:
         """The single value of a field; a field sent twice is ambiguous and rejected."""
         values = self.values(name)
         if len(values) > 1:
-            raise bad_request("invalid_request", f"field {name!r} was sent more than once", name)
+            raise bad_request("duplicate_parameter", f"field {name!r} was sent more than once", name)
         return values[0] if values else None
 
     def files_of(self, name: str) -> list[UploadedFile]:
@@ -184,6 +184,22 @@ async def read_multipart(request: Request, directory: Path, *, max_files: int) -
     return parser.form
 
 
+def loads_json(text: str | bytes | bytearray, field: str | None = None) -> Any:
+    """`json.loads`, refusing a key repeated in an object (it would keep the last one unseen), as a form
+    field sent twice is refused; `field` names the form field the JSON came in, for the error's param."""
+
+    def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                param = f"{field}.{key}" if field else key
+                raise bad_request("duplicate_parameter", f"key {key!r} appears more than once in a JSON object", param)
+            result[key] = value
+        return result
+
+    return json.loads(text, object_pairs_hook=refuse_duplicates)
+
+
 async def read_json(request: Request, model: type[BaseModel], max_bytes: int) -> tuple[Any, str]:
     """Parse and validate a JSON body; returns the model and a hash of its canonical form."""
     body = bytearray()
@@ -192,14 +208,18 @@ async def read_json(request: Request, model: type[BaseModel], max_bytes: int) ->
         if len(body) > max_bytes:
             raise ApiError(413, "request_too_large", f"JSON bodies are limited to {max_bytes} bytes")
     try:
-        raw = json.loads(body)
+        raw = loads_json(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request("malformed_json", f"the request body is not valid JSON: {exc}") from exc
     try:
         parsed = model.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # Unknown keys first, as for form fields: a misspelt key also shows up as a missing one.
+        first = next((error for error in errors if error["type"] == "extra_forbidden"), errors[0])
         param = ".".join(str(part) for part in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            raise bad_request("unknown_field", f"unknown field {param!r}", param) from exc
         raise bad_request("invalid_request", f"{param}: {first['msg']}" if param else first["msg"], param) from exc
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     return parsed, digest

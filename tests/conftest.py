@@ -5,6 +5,11 @@
 - S3: moto's standalone server in a thread on a free port, reached through the real `minio` client.
 
 Each is started lazily, so engine-only runs never touch them.
+
+The session's shared database, bucket and app (`session_factory`, `store`, `client`) collect what every
+test leaves, and that app's sweeper runs in the background. A test there asserts only about rows, objects
+and keys it created (its own team); a test that asserts over everything (a sweep, a count, "oldest
+first") takes a `world` of its own.
 """
 
 from __future__ import annotations
@@ -200,6 +205,40 @@ def service_settings(make_service_settings: Callable[..., Settings]) -> Settings
     return make_service_settings()
 
 
+@dataclass(frozen=True)
+class World:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    store: ObjectStore
+
+
+@pytest.fixture
+def world(make_service_settings: Callable[..., Settings]) -> Iterator[World]:
+    """A database, bucket and queue for this test alone, with no API process sweeping it.
+
+    For tests that assert over every row (sweeps, counts, "oldest first"): in the shared database the
+    rows other tests leave behind, and the shared app's background sweeper, would decide the outcome.
+    """
+    from app.db.session import create_db_engine, create_session_factory
+    from app.storage import create_store
+
+    settings = make_service_settings()
+    engine = create_db_engine(settings)
+    yield World(settings, create_session_factory(engine), create_store(settings))
+    engine.dispose()
+
+
+@pytest.fixture
+def world_client(world: World) -> Iterator[TestClient]:
+    """The API on the test's own `world` (its lifespan runs a sweeper there, as in production)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(world.settings)) as test_client:
+        yield test_client
+
+
 @pytest.fixture(scope="session")
 def session_factory(service_settings: Settings) -> Iterator[sessionmaker[Session]]:
     from app.db.session import create_db_engine, create_session_factory
@@ -270,9 +309,10 @@ def make_team() -> Callable[..., TeamKey]:
 
 
 def _team_database(request: pytest.FixtureRequest) -> sessionmaker[Session]:
-    """Teams live in the database of the test's `stack` when it has one, else the shared service's."""
-    if "stack" in request.fixturenames:
-        return request.getfixturevalue("stack").session_factory
+    """Teams live in the database of the test's `stack` or `world` when it has one, else the shared service's."""
+    for own in ("stack", "world"):
+        if own in request.fixturenames:
+            return request.getfixturevalue(own).session_factory
     return request.getfixturevalue("session_factory")
 
 

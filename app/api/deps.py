@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the process's services, a database session, and the caller's team."""
+"""FastAPI dependencies: the process's services, a database session, the caller's team, and the query
+string check every route runs first."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -59,3 +62,30 @@ def get_current_team(
 
 
 CurrentTeam = Annotated[Team, Depends(get_current_team)]
+
+
+def _declared_query(dependant: Dependant) -> set[str]:
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _declared_query(sub)
+    return names
+
+
+def check_query_parameters(request: Request) -> None:
+    """Refuse query parameters the route does not declare, and repeats: FastAPI would drop both unseen.
+
+    Installed on the whole app, so it runs before authentication and before anything is read or written.
+    Every declared query parameter is a single value, so a second occurrence is refused too.
+    """
+    route = request.scope.get("route")
+    declared = _declared_query(route.dependant) if isinstance(route, APIRoute) else set()
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name not in declared:
+            accepted = ", ".join(sorted(declared)) or "none"
+            raise ApiError(
+                400, "unknown_parameter", f"unknown query parameter {name!r} (this route takes: {accepted})", name
+            )
+        if name in seen:
+            raise ApiError(400, "duplicate_parameter", f"query parameter {name!r} was sent more than once", name)
+        seen.add(name)

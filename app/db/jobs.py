@@ -231,6 +231,10 @@ def sweep(session: Session, *, max_attempts: int, requeue_after_seconds: float, 
     A job is stranded when it is queued but no worker took it in `requeue_after_seconds` (its message may
     be lost with a broker restart), or when its lease expired (its worker died). Sending a message twice is
     harmless: the lease lets only one delivery run the job.
+
+    The longest-due jobs come first, and a re-sent job is due again only `requeue_after_seconds` later, so
+    it goes to the back of the line: a backlog larger than `batch` is worked through, and jobs that keep
+    coming due again (their re-sends never get taken) cannot starve the others.
     """
     now = utcnow()
     stranded = session.execute(
@@ -239,7 +243,7 @@ def sweep(session: Session, *, max_attempts: int, requeue_after_seconds: float, 
             Adaptation.requeue_at < now,
             or_(Adaptation.status == AdaptationStatus.QUEUED, _lease_is_expired(now)),
         )
-        .order_by(Adaptation.id)
+        .order_by(Adaptation.requeue_at, Adaptation.id)
         .limit(batch)
     ).all()
     to_enqueue: list[str] = []

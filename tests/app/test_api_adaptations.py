@@ -114,7 +114,9 @@ def test_idempotency_key_replays_and_conflicts(
     assert different.status_code == 409
     assert different.json()["error"]["code"] == "idempotency_key_reused"
     with session_factory() as session:
-        rows = session.scalars(select(Adaptation).where(Adaptation.idempotency_key == "retry-me-1")).all()
+        rows = session.scalars(
+            select(Adaptation).where(Adaptation.team_id == team.id, Adaptation.idempotency_key == "retry-me-1")
+        ).all()
         assert len(rows) == 1
 
 

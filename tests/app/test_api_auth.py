@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import revoke_api_key
+from app.db.models import Adaptation, utcnow
 
 PUBLIC = {"/healthz", "/readyz", "/metrics"}
 
@@ -72,11 +75,30 @@ def test_errors_keep_one_shape(client: TestClient, team) -> None:
         assert response.json()["error"]["code"] == code
 
 
-def test_metrics_count_requests_by_route(client: TestClient, team) -> None:
-    client.get("/adaptations/ada_missing", headers=team.headers)
-    text = client.get("/metrics").text
-    assert 'must_http_requests_total{method="GET",route="/adaptations/{adaptation_id}",status="404"}' in text
-    assert 'must_adaptations{status="queued"}' in text
+def test_metrics_count_requests_by_route_and_jobs_by_status(world, world_client: TestClient, team) -> None:
+    """On a database of its own, so the job counts are exactly the rows this test wrote."""
+    with world.session_factory.begin() as session:
+        for status in ("queued", "queued", "failed"):
+            session.add(
+                Adaptation(
+                    team_id=team.id,
+                    status=status,
+                    request_sha256="0" * 64,
+                    class_names=["a", "b"],
+                    base_model="proxy-cifar10-tiny",
+                    config_request={},
+                    source_bucket="b",
+                    source_prefix="p/",
+                    requeue_at=utcnow() + timedelta(hours=1),
+                )
+            )
+    for _ in range(2):
+        world_client.get("/adaptations/ada_missing", headers=team.headers)
+    text = world_client.get("/metrics").text
+    assert 'must_http_requests_total{method="GET",route="/adaptations/{adaptation_id}",status="404"} 2.0' in text
+    assert 'must_adaptations{status="queued"} 2.0' in text
+    assert 'must_adaptations{status="failed"} 1.0' in text
+    assert 'must_adaptations{status="running"} 0.0' in text
 
 
 def test_classify_rate_limit_answers_429(make_client, team) -> None:

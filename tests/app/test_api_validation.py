@@ -48,6 +48,11 @@ def _as_zip(data: bytes) -> Files:
     return [("images", ("upload.zip", data, "application/zip"))]
 
 
+def _staged(settings: Settings) -> set[Path]:
+    """What is in the shared staging folder now (compared before and after one request, not with empty)."""
+    return set(settings.staging_dir.iterdir()) if settings.staging_dir.exists() else set()
+
+
 @pytest.fixture
 def assert_rejected(
     client: TestClient,
@@ -58,6 +63,7 @@ def assert_rejected(
 ) -> Callable[..., dict]:
     def check(team, files: Files, *, status: int = 400, code: str, via: TestClient | None = None, **fields):
         data = {"class_names": json.dumps(["banded", "blotchy"]), "base_model": base_model, **fields}
+        staged_before = _staged(service_settings)
         response = (via or client).post("/adaptations", headers=team.headers, data=data, files=files)
         assert response.status_code == status, response.text
         error = response.json()["error"]
@@ -67,8 +73,7 @@ def assert_rejected(
             rows = session.scalar(select(func.count()).select_from(Adaptation).where(Adaptation.team_id == team.id))
         assert rows == 0, "a rejected request created an adaptation"
         assert store.list(f"teams/{team.id}/") == [], "a rejected request left objects"
-        staging = service_settings.staging_dir
-        assert not staging.exists() or not any(staging.iterdir()), "a rejected request left staged files"
+        assert _staged(service_settings) == staged_before, "a rejected request left staged files"
         return error
 
     return check
@@ -200,6 +205,8 @@ def test_bad_class_names(team, assert_rejected, dtd_images, class_names: str, co
         ({"metadata": "[]"}, "invalid_request", "metadata"),
         ({"metadata": json.dumps({"blob": "x" * 20_000})}, "metadata_too_large", "metadata"),
         ({"colour": "blue"}, "unknown_field", "colour"),
+        ({"config": '{"epochs": 1, "epochs": 5}'}, "duplicate_parameter", "config.epochs"),
+        ({"base_model": ["proxy-cifar10-tiny", "other"]}, "duplicate_parameter", "base_model"),
     ],
 )
 def test_bad_fields(team, assert_rejected, dtd_images, fields: dict[str, str], code: str, param: str) -> None:
@@ -214,7 +221,9 @@ def test_oversized_upload_is_413(team, assert_rejected, dtd_images, make_client)
         )
 
 
-def test_oversized_chunked_upload_is_413(team, client: TestClient, make_client, store, dtd_images) -> None:
+def test_oversized_chunked_upload_is_413(
+    team, client: TestClient, make_client, store, dtd_images, service_settings: Settings
+) -> None:
     """Without Content-Length the limit is enforced while the body streams in."""
     body = _zip(_real_images(dtd_images, 12))
     boundary = "xyz"
@@ -228,6 +237,7 @@ def test_oversized_chunked_upload_is_413(team, client: TestClient, make_client, 
         for start in range(0, len(payload), 65536):
             yield payload[start : start + 65536]
 
+    staged_before = _staged(service_settings)
     with make_client(max_upload_bytes=100_000) as limited:
         response = limited.post(
             "/adaptations",
@@ -236,6 +246,7 @@ def test_oversized_chunked_upload_is_413(team, client: TestClient, make_client, 
         )
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     assert store.list(f"teams/{team.id}/") == []
+    assert _staged(service_settings) == staged_before
 
 
 @pytest.mark.parametrize(
@@ -243,7 +254,9 @@ def test_oversized_chunked_upload_is_413(team, client: TestClient, make_client, 
     [
         ({"class_names": ["a", "b"]}, "invalid_request", "source"),
         ({"class_names": "a,b", "source": {"bucket": "b"}}, "invalid_request", "class_names"),
-        ({"class_names": ["a", "b"], "source": {"bucket": "b"}, "extra": 1}, "invalid_request", "extra"),
+        ({"class_names": ["a", "b"], "source": {"bucket": "b"}, "extra": 1}, "unknown_field", "extra"),
+        ({"class_names": ["a", "b"], "source": {"bucket": "b", "prefixes": "x"}}, "unknown_field", "source.prefixes"),
+        ({"class_names": ["a", "b"], "sources": {"bucket": "b"}}, "unknown_field", "sources"),  # not `missing source`
         ({"class_names": ["a", "b"], "source": {"bucket": "b"}, "metadata": [1]}, "invalid_request", "metadata"),
     ],
 )
@@ -267,7 +280,3 @@ def test_malformed_json_body_and_wrong_media_type(client: TestClient, team) -> N
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_multipart"
 
-
-def test_rejected_requests_do_not_leak_staging_files(service_settings: Settings) -> None:
-    staging = Path(service_settings.staging_dir)
-    assert not staging.exists() or list(staging.iterdir()) == []

@@ -51,6 +51,13 @@ def test_classify_with_the_adapted_model(stack, adapted, dtd_images) -> None:
     ]
     assert all(result["filename"] is None for result in as_json["results"])
 
+    # top_k in the query string works too (it used to be dropped, answering the default); a body disagreeing is refused.
+    url = f"/models/{model_id}/classify?top_k=1"
+    from_query = stack.client.post(url, headers=team.headers, files=files).json()
+    assert [len(result["predictions"]) for result in from_query["results"]] == [1, 1, 1]
+    conflict = stack.client.post(url, headers=team.headers, files=files, data={"top_k": "2"})
+    assert conflict.status_code == 400 and conflict.json()["error"]["code"] == "conflicting_parameter"
+
 
 def test_cancel_after_success_is_409(stack, adapted) -> None:
     team, adaptation = adapted["team"], adapted["adaptation"]

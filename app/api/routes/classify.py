@@ -9,9 +9,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from PIL.Image import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +27,15 @@ from must_engine import DEFAULT_BASE_MODEL, BaseModelError, ImageError, open_ima
 
 router = APIRouter(tags=["classify"])
 
+DEFAULT_TOP_K = 5
+TopKQuery = Annotated[
+    int | None,
+    Query(
+        description=f"Labels per image (default {DEFAULT_TOP_K}); may instead be sent as the `top_k` form field "
+        "or JSON key, and where both are sent they must agree."
+    ),
+]
+
 
 def _request_body(json_model: str, extra_fields: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
     return {
@@ -39,7 +48,7 @@ def _request_body(json_model: str, extra_fields: dict[str, Any], required: tuple
                         "required": ["images", *required],
                         "properties": {
                             "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                            "top_k": {"type": "integer", "default": 5},
+                            "top_k": {"type": "integer", "default": DEFAULT_TOP_K},
                             **extra_fields,
                         },
                     }
@@ -60,7 +69,10 @@ class ClassifyInput:
 
 
 async def _read_input(
-    request: Request, settings: Settings, json_model: type[ClassifyImages] | type[ZeroShotClassify]
+    request: Request,
+    settings: Settings,
+    json_model: type[ClassifyImages] | type[ZeroShotClassify],
+    query_top_k: int | None,
 ) -> ClassifyInput:
     """Parse either body form; names are checked before any image is decoded."""
     zero_shot = json_model is ZeroShotClassify
@@ -70,15 +82,16 @@ async def _read_input(
         sources: list[tuple[bytes | Path, str | None]] = [
             (_decode_base64(text, index), None) for index, text in enumerate(body.images)
         ]
+        top_k = _top_k(query_top_k, body.top_k if "top_k" in body.model_fields_set else None)
         if isinstance(body, ZeroShotClassify):
             return await _decode(
                 sources,
-                body.top_k,
+                top_k,
                 normalize_class_names(body.class_names, settings),
                 _base_model(body.base_model, settings),
                 settings,
             )
-        return await _decode(sources, body.top_k, None, None, settings)
+        return await _decode(sources, top_k, None, None, settings)
     if kind != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +105,7 @@ async def _read_input(
         base_model = _base_model(form.value("base_model"), settings) if zero_shot else None
         return await _decode(
             [(upload.path, upload.filename) for upload in form.files_of("images")],
-            _form_top_k(form),
+            _top_k(query_top_k, _form_top_k(form)),
             names,
             base_model,
             settings,
@@ -105,10 +118,22 @@ def _base_model(spec: str | None, settings: Settings) -> str:
     return check_base_model_spec(spec or DEFAULT_BASE_MODEL, settings)
 
 
-def _form_top_k(form: MultipartForm) -> int:
+def _top_k(from_query: int | None, from_body: int | None) -> int:
+    """`top_k` may come in the query string or the body; sent in both, the two must agree."""
+    if from_query is not None and from_body is not None and from_query != from_body:
+        raise InputError(
+            "conflicting_parameter",
+            f"top_k is {from_query} in the query string but {from_body} in the body; send one",
+            "top_k",
+        )
+    chosen = from_body if from_body is not None else from_query
+    return DEFAULT_TOP_K if chosen is None else chosen
+
+
+def _form_top_k(form: MultipartForm) -> int | None:
     text = form.value("top_k")
     if text is None:
-        return 5
+        return None
     try:
         return int(text)
     except ValueError as exc:
@@ -167,12 +192,17 @@ async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[I
     openapi_extra=_request_body("ClassifyImages", {}, ()),
 )
 async def classify_with_model(
-    request: Request, session: SessionDep, team: CurrentTeam, services: ServicesDep, model_id: str
+    request: Request,
+    session: SessionDep,
+    team: CurrentTeam,
+    services: ServicesDep,
+    model_id: str,
+    top_k: TopKQuery = None,
 ) -> ClassifyResponse:
     """Top-k labels from an adapted model of the team."""
     services.classify_limiter.check(team.id)
     row = await run_in_threadpool(owned_model, session, team, model_id)
-    batch = await _read_input(request, services.settings, ClassifyImages)
+    batch = await _read_input(request, services.settings, ClassifyImages, top_k)
     predictor = await run_in_threadpool(services.predictors.for_model, row.id, row.artifact_prefix)
     results = await _predict(predictor, batch)
     services.metrics.classified_images.labels("adapted").inc(len(results))
@@ -191,10 +221,12 @@ async def classify_with_model(
         ("class_names",),
     ),
 )
-async def classify_zero_shot(request: Request, team: CurrentTeam, services: ServicesDep) -> ClassifyResponse:
+async def classify_zero_shot(
+    request: Request, team: CurrentTeam, services: ServicesDep, top_k: TopKQuery = None
+) -> ClassifyResponse:
     """Top-k labels from a base model's zero-shot head: the baseline an adapted model is compared with."""
     services.classify_limiter.check(team.id)
-    batch = await _read_input(request, services.settings, ZeroShotClassify)
+    batch = await _read_input(request, services.settings, ZeroShotClassify, top_k)
     assert batch.class_names is not None and batch.base_model is not None
     base_model = batch.base_model
     try:
