@@ -7,6 +7,7 @@ reads the same folder recursively, ignoring them.
 
     python -m benchmarks.shifts --out runs/shifts                      # every shift at the default severity
     python -m benchmarks.shifts --model must_engine/base_models/proxy-cifar10-tiny   # zero-shot per shift
+    python -m benchmarks.shifts --out runs/longtail --shifts fog,pixelate --long-tail 10 --max-per-class 300
 """
 
 from __future__ import annotations
@@ -109,11 +110,17 @@ def apply_shift(images: np.ndarray, shift: str, severity: int = DEFAULT_SEVERITY
 
 def shifted_test_set(
     shift: str, severity: int = DEFAULT_SEVERITY, seed: int = 0, limit: int | None = None,
-    source: Path = CIFAR10_DIR / "test.npz",
+    source: Path = CIFAR10_DIR / "test.npz", long_tail: float | None = None, max_per_class: int = 300,
 ) -> tuple[LabelledImages, np.ndarray]:
-    """The shifted test images in memory, plus each one's index in the source set (stable file names)."""
+    """The shifted test images in memory, plus each one's index in the source set (stable file names).
+
+    With `long_tail` the subset is long-tailed instead of a uniform `limit`: see long_tailed_subset.
+    """
     data = load_labelled(source)
-    index = subset(len(data.labels), limit, seed)
+    if long_tail is None:
+        index = subset(len(data.labels), limit, seed)
+    else:
+        index = long_tailed_subset(data.labels, long_tail, max_per_class, seed)
     images = apply_shift(data.images[index], shift, severity, seed)
     return LabelledImages(images, data.labels[index], data.classes), index
 
@@ -123,6 +130,25 @@ def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def long_tailed_subset(labels: np.ndarray, ratio: float, max_per_class: int, seed: int) -> np.ndarray:
+    """Class counts falling geometrically from `max_per_class` to `max_per_class / ratio`, in a seeded order.
+
+    Real buckets are not class-balanced; this flatters neither the fairness term nor a balancing peer.
+    Which class is frequent is drawn from the seed too, so no class is always the head.
+    """
+    rng = np.random.default_rng([seed, 1])
+    classes = np.unique(labels)
+    ranks = rng.permutation(len(classes))
+    picked = []
+    for rank, label in zip(ranks, classes, strict=True):
+        count = round(max_per_class * ratio ** (-rank / (len(classes) - 1)))
+        members = np.flatnonzero(labels == label)
+        if count > len(members):
+            raise ValueError(f"class {label} has {len(members)} images, {count} asked")
+        picked.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(picked))
 
 
 def write_folder(data: LabelledImages, index: np.ndarray, out_dir: Path) -> None:
@@ -193,6 +219,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--severity", type=int, default=DEFAULT_SEVERITY, help="1 (mild) .. 5 (harsh)")
     parser.add_argument("--limit", type=int, help="a seeded random subset of this many test images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-tail", type=float, metavar="RATIO",
+                        help="long-tailed subset: the most frequent class has RATIO times the least frequent's images")
+    parser.add_argument("--max-per-class", type=int, default=300, help="with --long-tail: the head class's count")
     parser.add_argument("--source", type=Path, default=CIFAR10_DIR / "test.npz", help="labelled .npz")
     args = parser.parse_args(argv)
     if args.out is None and args.model is None:
@@ -220,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         results["clean"] = score(LabelledImages(clean.images[index], clean.labels[index], clean.classes))
         print(f"{'clean':<18} {results['clean']:.4f}", flush=True)
     for shift in args.shifts:
-        data, index = shifted_test_set(shift, args.severity, args.seed, args.limit, args.source)
+        data, index = shifted_test_set(shift, args.severity, args.seed, args.limit, args.source,
+                                       long_tail=args.long_tail, max_per_class=args.max_per_class)
         if args.out:
             write_folder(data, index, args.out / shift)
         if score:

@@ -85,3 +85,15 @@ def test_cli_writes_the_labelled_layout_that_loads_back(tmp_path: Path) -> None:
     for image, label, i in zip(data.images, data.labels, index, strict=True):
         path = out / "contrast" / CLASSES[label] / f"{i:05d}.png"
         assert np.array_equal(np.array(Image.open(path)), image)
+
+
+def test_long_tailed_subset_falls_tenfold_and_varies_the_head_with_the_seed() -> None:
+    labels = np.repeat(np.arange(10), 1000)
+    index = shifts.long_tailed_subset(labels, ratio=10, max_per_class=300, seed=0)
+    counts = np.bincount(labels[index], minlength=10)
+    assert sorted(counts.tolist(), reverse=True) == [300, 232, 180, 139, 108, 83, 65, 50, 39, 30]
+    assert len(set(index.tolist())) == len(index) == counts.sum()
+    other = np.bincount(labels[shifts.long_tailed_subset(labels, ratio=10, max_per_class=300, seed=1)], minlength=10)
+    assert counts.argmax() != other.argmax() or counts.tolist() != other.tolist()
+    with pytest.raises(ValueError, match="asked"):
+        shifts.long_tailed_subset(labels, ratio=10, max_per_class=1001, seed=0)
