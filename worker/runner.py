@@ -36,7 +36,15 @@ from app.db.models import Adaptation, AdaptationStatus, EventType, Model, new_id
 from app.db.session import is_database_unavailable, transaction
 from app.settings import Settings
 from app.storage import ObjectStore, StorageError, download_prefix, object_key, upload_directory
-from app.validation import ImageLimits, InputError, check_images, images_in_directory, resolve_config
+from app.validation import (
+    ImageLimits,
+    InputError,
+    check_base_model_spec,
+    check_images,
+    engine_input_error,
+    images_in_directory,
+    resolve_config,
+)
 from app.weights import WeightsFetcher
 from must_engine import AdaptCancelled, AdaptResult, BaseModelError, ConfigError, Progress, adapt
 
@@ -181,7 +189,11 @@ class AdaptationRunner:
             except InputError as exc:
                 self._fail(spec, exc.code, exc.message)
                 return f"failed: {exc.code}"
-            except (BaseModelError, ConfigError) as exc:
+            except BaseModelError as exc:
+                error = engine_input_error(exc, "base_model", where=f"adaptation {spec.adaptation_id}")
+                self._fail(spec, error.code, error.message)
+                return f"failed: {exc.code}"
+            except ConfigError as exc:
                 self._fail(spec, exc.code, str(exc))
                 return f"failed: {exc.code}"
             except Exception as exc:
@@ -216,6 +228,9 @@ class AdaptationRunner:
             )
 
     def _run_leased(self, spec: JobSpec, keeper: LeaseKeeper) -> str:
+        # The API checked the spec already; the worker checks it again under its own settings before
+        # anything is read, so a row written some other way cannot make it open a file it may not.
+        base_model = check_base_model_spec(spec.base_model, self.settings)
         with tempfile.TemporaryDirectory(prefix=f"must-{spec.adaptation_id}-") as scratch:
             root = Path(scratch)
             images = self._fetch_images(spec, root)
@@ -224,7 +239,7 @@ class AdaptationRunner:
                 spec.config_request,
                 num_images=len(images),
                 num_classes=len(spec.class_names),
-                base_model=spec.base_model,
+                base_model=base_model,
             )
             self._start_running(spec, num_images=len(images), config=config.to_dict())
             work_dir = root / "work"
@@ -237,7 +252,7 @@ class AdaptationRunner:
                 images,
                 spec.class_names,
                 root / "artifact",
-                base_model=spec.base_model,
+                base_model=base_model,
                 config=config,
                 device=self.settings.device,
                 work_dir=work_dir,

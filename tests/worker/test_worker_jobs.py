@@ -195,3 +195,31 @@ def test_failure_summary_is_one_line() -> None:
         "Caught ValueError in DataLoader worker process 1.\nTraceback...\n  File x\nValueError: bits"
     )
     assert failure_summary(loader_error) == "ValueError: bits"
+
+
+def test_the_worker_refuses_a_forbidden_base_model_before_reading_anything(stack, team, monkeypatch) -> None:
+    """A row written around the API (or before the policy tightened) still cannot make the worker read a file."""
+    import open_clip
+    import torch
+
+    built: list[str] = []
+    monkeypatch.setattr(open_clip, "create_model", lambda *args, **kwargs: built.append("create_model"))
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: built.append("torch.load"))
+    with stack.session_factory.begin() as session:
+        row = Adaptation(
+            team_id=team.id,
+            request_sha256="0" * 64,
+            class_names=["a", "b"],
+            base_model="ViT-B-32:/proc/self/environ",
+            config_request={},
+            source_bucket="no-such-bucket-here",  # would fail as source_unavailable if the images came first
+            source_prefix="",
+        )
+        session.add(row)
+        session.flush()
+        adaptation_id = row.id
+    enqueue_adaptation(stack.celery, adaptation_id)
+    done = stack.wait_final(team, adaptation_id, timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "weights_not_allowed", done
+    assert "environ" not in done["error"]["message"]
+    assert built == []
