@@ -63,15 +63,15 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def failure_summary(exc: BaseException) -> str:
-    """One line for the job's error; the worker log keeps the traceback.
+    """The failed job's error: the exception's type only, since its text (torch, open_clip, a loader) can
+    quote server paths or library internals; the worker log keeps the text and the traceback.
 
-    Errors re-raised from DataLoader processes carry the original traceback in their message; its last
-    line names the original error.
+    Errors re-raised from DataLoader processes name the original error on their message's last line.
     """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1:
-        return lines[-1]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    original = lines[-1].split(":", 1)[0] if len(lines) > 1 else ""
+    name = original if original.isidentifier() else type(exc).__name__
+    return f"training failed with {name}; the worker log has the details"
 
 
 class LeaseLost(Exception):
@@ -200,8 +200,10 @@ class AdaptationRunner:
                 if is_transient(exc):
                     # The object store or database is briefly away: give the job back for another attempt
                     # (the sweeper re-sends it at once; max_attempts bounds the retries).
-                    reason = f"{type(exc).__name__}: {exc}"
-                    log.warning("adaptation %s: transient failure, releasing it: %s", spec.adaptation_id, reason)
+                    # The team's event names the error's type; its text (hosts, library internals) stays in the log.
+                    log.warning("adaptation %s: transient failure, releasing it: %s: %s",
+                                spec.adaptation_id, type(exc).__name__, exc)
+                    reason = f"{type(exc).__name__} (the object store or database was briefly unavailable)"
                     self._with_retry(lambda session: release_leased(session, spec.adaptation_id, self.owner, reason))
                     return "released: transient failure"
                 log.exception("adaptation %s failed", spec.adaptation_id)
