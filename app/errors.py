@@ -14,6 +14,8 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db.session import is_database_unavailable
+from app.predictors import ModelLoadsBusy
+from app.request_context import current_request_id
 from app.storage import StorageError
 from app.validation import InputError
 
@@ -107,7 +109,15 @@ def install_error_handlers(app: FastAPI) -> None:
             503, "unavailable", "the object store is unavailable; retry shortly", headers={"Retry-After": "5"}
         )
 
+    @app.exception_handler(ModelLoadsBusy)
+    async def _loads_busy(_: Request, exc: ModelLoadsBusy) -> JSONResponse:
+        log.warning("model loads busy (request %s): %s", current_request_id(), exc)
+        return error_response(
+            503, "busy", "the service is loading other models; retry shortly", headers={"Retry-After": "5"}
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "an unexpected error occurred")
+        request_id = current_request_id()
+        log.exception("unhandled error (request %s)", request_id, exc_info=exc)
+        return error_response(500, "internal_error", f"an unexpected error occurred (request id {request_id})")

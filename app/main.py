@@ -19,6 +19,7 @@ from app.api.routes import adaptations, classify, health, models
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import RequestMetrics
+from app.request_context import RequestId
 from app.schemas import ClassifyImages, ErrorBody, ZeroShotClassify
 from app.services import Services
 from app.settings import Settings, get_settings
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: _body_limit(settings, path))
     app.add_middleware(RequestMetrics, metrics=services.metrics)
+    app.add_middleware(RequestId)  # outermost: every response, and every log line of a request, has its id
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

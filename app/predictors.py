@@ -97,8 +97,23 @@ class BatchingPredictor:
             start += len(request.images)
 
 
+class ModelLoadsBusy(Exception):
+    """Every model-load slot stayed taken for the whole wait: the API answers 503 instead of piling up builds."""
+
+
+def predictor_bytes(predictor: Predictor) -> int:
+    """Estimated resident size of a loaded predictor: its parameters and buffers."""
+    tensors = [*predictor.classifier.parameters(), *predictor.classifier.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
 class PredictorCache:
-    """At most `capacity` loaded predictors; the least recently used is closed when one more is needed."""
+    """Loaded predictors, bounded by count (`capacity`) and by estimated bytes (`max_bytes`), LRU first.
+
+    Building a predictor holds a whole CLIP model (both towers) in memory, so at most `max_loads` are
+    built at once; a request that finds every slot taken for `load_wait_seconds` gets ModelLoadsBusy.
+    The entry just loaded is always kept, even alone over `max_bytes`, so its request can be served.
+    """
 
     def __init__(
         self,
@@ -109,22 +124,34 @@ class PredictorCache:
         device: str,
         max_batch_images: int,
         wait_seconds: float,
+        max_bytes: int | None = None,
+        max_loads: int = 1,
+        load_wait_seconds: float = 30.0,
         fetch_weights: Callable[[str], Path] | None = None,
     ) -> None:
         self.store = store
         self.fetch_weights = fetch_weights
         self.cache_dir = cache_dir
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.device = device
         self.max_batch_images = max_batch_images
         self.wait_seconds = wait_seconds
-        self._entries: OrderedDict[str, BatchingPredictor] = OrderedDict()
+        self.load_wait_seconds = load_wait_seconds
+        self._entries: OrderedDict[str, tuple[BatchingPredictor, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._load_slots = threading.BoundedSemaphore(max_loads)
 
     @property
     def size(self) -> int:
         return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """Estimated bytes of every cached predictor."""
+        with self._lock:
+            return sum(nbytes for _, nbytes in self._entries.values())
 
     def for_model(self, model_id: str, artifact_prefix: str) -> BatchingPredictor:
         return self._get(f"model:{model_id}", lambda: self._load_artifact(artifact_prefix))
@@ -140,11 +167,11 @@ class PredictorCache:
         with self._lock:
             entry = self._entries.pop(f"model:{model_id}", None)
         if entry is not None:
-            entry.close()
+            entry[0].close()
 
     def clear(self) -> None:
         with self._lock:
-            entries = list(self._entries.values())
+            entries = [batcher for batcher, _ in self._entries.values()]
             self._entries.clear()
         for entry in entries:
             entry.close()
@@ -153,22 +180,34 @@ class PredictorCache:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
-                return self._entries[key]
+                return self._entries[key][0]
             key_lock = self._loading.setdefault(key, threading.Lock())
         with key_lock:  # one load per key, however many requests wait for it
             with self._lock:
                 if key in self._entries:
-                    return self._entries[key]
-            entry = BatchingPredictor(load(), max_batch_images=self.max_batch_images, wait_seconds=self.wait_seconds)
+                    return self._entries[key][0]
+            if not self._load_slots.acquire(timeout=self.load_wait_seconds):
+                raise ModelLoadsBusy(f"no model-load slot freed within {self.load_wait_seconds:g} s")
+            try:
+                predictor = load()
+            finally:
+                self._load_slots.release()
+            entry = BatchingPredictor(predictor, max_batch_images=self.max_batch_images, wait_seconds=self.wait_seconds)
             with self._lock:
-                self._entries[key] = entry
+                self._entries[key] = (entry, predictor_bytes(predictor))
                 self._loading.pop(key, None)
                 evicted = []
-                while len(self._entries) > self.capacity:
-                    evicted.append(self._entries.popitem(last=False)[1])
+                while len(self._entries) > 1 and self._over_bounds():
+                    evicted.append(self._entries.popitem(last=False)[1][0])
         for old in evicted:
             old.close()
         return entry
+
+    def _over_bounds(self) -> bool:
+        """Called with the lock held."""
+        if len(self._entries) > self.capacity:
+            return True
+        return self.max_bytes is not None and sum(nbytes for _, nbytes in self._entries.values()) > self.max_bytes
 
     def _load_artifact(self, artifact_prefix: str) -> Predictor:
         """Download the artifact, load it, and drop the files (the weights now live in memory)."""

@@ -20,6 +20,8 @@ BROKER_SCHEMES = ("filesystem", "redis", "rediss", "amqp", "pyamqp", "sqla+sqlit
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 MiB = 1024 * 1024
+# The shipped offline proxy and the ViT CLIP models the presets (and the compose file's GPU workers) are for.
+DEFAULT_BASE_MODEL_ARCHITECTURES = ("proxy-cifar10-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14")
 
 
 class Settings(BaseSettings):
@@ -64,8 +66,23 @@ class Settings(BaseSettings):
     classify_requests_per_second: float = Field(default=20.0, gt=0)
     classify_burst: int = Field(default=40, ge=1)
 
+    # Base models a team may name. Architectures (and shipped models) this deployment serves: anything
+    # else is refused before it is built, so no request can make the API build a model it is not sized for.
+    base_model_architectures: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_BASE_MODEL_ARCHITECTURES)
+    )
+    # Directories whose files a team may name as `ARCH:/path` weights (none by default: only pretrained
+    # tags and object-store weights). Absolute paths; compared after symlinks and `..` are resolved.
+    local_weights_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
     # Serving.
     predictor_cache_size: int = Field(default=4, ge=1)
+    # Estimated bytes (parameters and buffers) of all cached predictors together; least recently used go first.
+    predictor_cache_bytes: int = Field(default=4096 * MiB, gt=0)
+    # Models built or loaded at once by one API process (each build holds a full CLIP model in memory), and
+    # how long a request waits for a free slot before it is answered 503.
+    max_concurrent_model_loads: int = Field(default=2, ge=1)
+    model_load_wait_seconds: float = Field(default=30.0, gt=0)
     classify_batch_images: int = Field(default=64, ge=1)
     classify_batch_wait_ms: float = Field(default=5.0, ge=0)
 
@@ -86,6 +103,46 @@ class Settings(BaseSettings):
     def _split_buckets(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("base_model_architectures", mode="before")
+    @classmethod
+    def _split_architectures(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("base_model_architectures")
+    @classmethod
+    def _check_architectures(cls, value: list[str]) -> list[str]:
+        """Each entry must be a shipped model or an open_clip architecture, so a typo fails at start-up.
+
+        The default is known good; only an operator's list pays for importing open_clip (and torch) here.
+        """
+        if not value:
+            raise ValueError("base_model_architectures must name at least one model")
+        if tuple(value) == DEFAULT_BASE_MODEL_ARCHITECTURES:
+            return value
+        from must_engine.base_models import is_architecture, is_shipped_model
+
+        unknown = [name for name in value if not (is_shipped_model(name) or is_architecture(name))]
+        if unknown:
+            raise ValueError(f"base_model_architectures: not a shipped model nor an open_clip architecture: {unknown}")
+        return value
+
+    @field_validator("local_weights_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("local_weights_dirs")
+    @classmethod
+    def _check_dirs(cls, value: list[Path]) -> list[Path]:
+        relative = [str(path) for path in value if not path.is_absolute()]
+        if relative:
+            raise ValueError(f"local_weights_dirs must be absolute paths: {relative}")
         return value
 
     @field_validator("device")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -20,6 +21,9 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError, bad_request
+from app.request_context import current_request_id
+
+log = logging.getLogger(__name__)
 
 MAX_FIELD_BYTES = 1024 * 1024
 MAX_FIELDS = 10_000
@@ -178,7 +182,9 @@ async def read_multipart(request: Request, directory: Path, *, max_files: int) -
             multipart.write(chunk)
         multipart.finalize()
     except FormParserError as exc:
-        raise bad_request("invalid_multipart", f"malformed multipart body: {exc}") from exc
+        # python-multipart's text names parser internals; the log keeps it.
+        log.info("malformed multipart body (request %s): %s", current_request_id(), exc)
+        raise bad_request("invalid_multipart", "malformed multipart body") from exc
     finally:
         parser.close_file()
     return parser.form

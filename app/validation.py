@@ -8,12 +8,14 @@ service and the `must` CLI accept exactly the same files.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.base_model_policy import BaseModelRefused, check_policy
+from app.request_context import current_request_id
 from app.settings import Settings
-from app.weights import WeightsUnavailable, check_weights_uri
 from must_engine import (
     ArchiveError,
     ArchiveLimits,
@@ -25,11 +27,12 @@ from must_engine import (
     extract_zip,
     find_images,
     open_image,
-    parse_base_model,
     resolve_job_config,
 )
 from must_engine import normalize_class_names as engine_normalize_class_names
 from must_engine.images import is_image_name
+
+log = logging.getLogger(__name__)
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -99,17 +102,52 @@ def check_metadata(metadata: Any, settings: Settings) -> dict[str, Any]:
 
 
 def check_base_model_spec(spec: str, settings: Settings) -> str:
-    """Reject unknown models, and object-store weights the service may not read, before any job exists."""
+    """The deployment's policy first (nothing on disk is touched for a refused spec), then the engine's parse.
+
+    Returns the spec to store and load: local weights by their real path.
+    """
     try:
-        check_base_model(spec)
-        weights = parse_base_model(spec).pretrained
-        if weights is not None and weights.startswith("s3://"):
-            check_weights_uri(weights, settings)
+        checked = check_policy(spec, settings)
+    except BaseModelRefused as exc:
+        raise InputError(exc.code, exc.message, "base_model") from exc
+    try:
+        check_base_model(checked)
     except BaseModelError as exc:
-        raise InputError(exc.code, str(exc), "base_model") from exc
-    except WeightsUnavailable as exc:
-        raise InputError("weights_unavailable", str(exc), "base_model") from exc
-    return spec.strip()
+        raise engine_input_error(exc, "base_model") from exc
+    return checked
+
+
+# Our words for engine errors that wrap a third-party exception (PIL, zipfile, torch, open_clip, botocore):
+# their text can quote server paths or library internals, so it goes to the log, never to the team.
+_PUBLIC_MESSAGES = {
+    "corrupt_image": "corrupt or truncated image",
+    "decompression_bomb": "the image has more pixels than allowed",
+    "unsupported_format": "not a readable image",
+    "corrupt_archive": "the archive is corrupt or not a zip file",
+    "weights_unavailable": "the weights of this base model could not be loaded",
+    "unknown_base_model": "the configuration of this base model could not be read",
+}
+
+
+def engine_input_error(
+    exc: BaseModelError | ImageError | ArchiveError, param: str, *, where: str | None = None
+) -> InputError:
+    """The InputError for an engine error; if it wraps another library's exception, with our own message.
+
+    The original is logged with `where` it happened (by default the request id, which the message then
+    quotes so the operator can find the log line).
+    """
+    if exc.__cause__ is None:
+        return InputError(exc.code, str(exc), param)
+    request_id = current_request_id()
+    log.warning("%s in %s: %s", exc.code, where or f"request {request_id}", exc)
+    message = _PUBLIC_MESSAGES.get(exc.code, "the input could not be processed")
+    filename = getattr(exc, "filename", None)
+    if filename:
+        message = f"{filename}: {message}"
+    if request_id:
+        message = f"{message} (request id {request_id})"
+    return InputError(exc.code, message, param)
 
 
 def resolve_config(config_request: dict[str, Any], *, num_images: int, num_classes: int, base_model: str) -> MustConfig:
@@ -126,7 +164,7 @@ def resolve_config(config_request: dict[str, Any], *, num_images: int, num_class
         param = f"config.{exc.field}" if exc.field else "config"
         raise InputError(exc.code, str(exc), param) from exc
     except BaseModelError as exc:
-        raise InputError(exc.code, str(exc), "base_model") from exc
+        raise engine_input_error(exc, "base_model") from exc
 
 
 def is_zip(path: Path) -> bool:
@@ -141,8 +179,9 @@ def extract_archive(archive: Path, destination: Path, limits: ImageLimits) -> li
     try:
         return extract_zip(archive, destination, limits=archive_limits)
     except ArchiveError as exc:
-        code = "too_many_images" if exc.code == "too_many_files" else exc.code
-        raise InputError(code, str(exc), "images") from exc
+        if exc.code == "too_many_files":
+            raise InputError("too_many_images", str(exc), "images") from exc
+        raise engine_input_error(exc, "images") from exc
 
 
 NamedImage = tuple[Path, str]  # a file on disk and the name its owner knows it by
@@ -183,4 +222,4 @@ def check_images(images: list[NamedImage], limits: ImageLimits) -> None:
         try:
             open_image(path, filename=name).close()
         except ImageError as exc:
-            raise InputError(exc.code, str(exc), "images") from exc
+            raise engine_input_error(exc, "images") from exc

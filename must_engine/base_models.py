@@ -63,6 +63,21 @@ def list_base_models() -> list[str]:
     return _shipped_names() + [f"{arch}:{tag}" for arch, tag in open_clip.list_pretrained()]
 
 
+def is_shipped_model(name: str) -> bool:
+    """A model shipped under base_models/ (a plain name; nothing outside that folder is looked at)."""
+    return name in _shipped_names()
+
+
+def is_architecture(name: str) -> bool:
+    """An open_clip architecture name (built-in or registered), without building anything."""
+    return name in open_clip.list_models()
+
+
+def is_pretrained_tag(arch: str, tag: str) -> bool:
+    """`tag` is one of open_clip's pretrained tags for `arch` (pure lookup, no file or network access)."""
+    return bool(open_clip.get_pretrained_cfg(arch, tag))
+
+
 def parse_base_model(spec: str, pretrained: str | None = None) -> BaseModelSpec:
     spec = spec.strip()
     if not spec:

@@ -385,7 +385,15 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(make_service_settings: Callable[..., Settings], base_model: str) -> Iterator[Stack]:
+def stack_overrides() -> dict[str, object]:
+    """Settings a test module's `stack` needs changed; a module overrides this fixture."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    make_service_settings: Callable[..., Settings], base_model: str, stack_overrides: dict[str, object]
+) -> Iterator[Stack]:
     from celery.contrib.testing.worker import start_worker
     from fastapi.testclient import TestClient
 
@@ -394,7 +402,7 @@ def stack(make_service_settings: Callable[..., Settings], base_model: str) -> It
     from app.storage import create_store
     from worker.celery_app import create_celery_app
 
-    settings = make_service_settings()
+    settings = make_service_settings(**stack_overrides)
     celery = create_celery_app(settings)
     engine = create_db_engine(settings)
     with (

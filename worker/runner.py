@@ -36,7 +36,15 @@ from app.db.models import Adaptation, AdaptationStatus, EventType, Model, new_id
 from app.db.session import is_database_unavailable, transaction
 from app.settings import Settings
 from app.storage import ObjectStore, StorageError, download_prefix, object_key, upload_directory
-from app.validation import ImageLimits, InputError, check_images, images_in_directory, resolve_config
+from app.validation import (
+    ImageLimits,
+    InputError,
+    check_base_model_spec,
+    check_images,
+    engine_input_error,
+    images_in_directory,
+    resolve_config,
+)
 from app.weights import WeightsFetcher
 from must_engine import (
     AdaptCancelled,
@@ -64,15 +72,15 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def failure_summary(exc: BaseException) -> str:
-    """One line for the job's error; the worker log keeps the traceback.
+    """The failed job's error: the exception's type only, since its text (torch, open_clip, a loader) can
+    quote server paths or library internals; the worker log keeps the text and the traceback.
 
-    Errors re-raised from DataLoader processes carry the original traceback in their message; its last
-    line names the original error.
+    Errors re-raised from DataLoader processes name the original error on their message's last line.
     """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1:
-        return lines[-1]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    original = lines[-1].split(":", 1)[0] if len(lines) > 1 else ""
+    name = original if original.isidentifier() else type(exc).__name__
+    return f"training failed with {name}; the worker log has the details"
 
 
 class LeaseLost(Exception):
@@ -190,15 +198,21 @@ class AdaptationRunner:
             except InputError as exc:
                 self._fail(spec, exc.code, exc.message)
                 return f"failed: {exc.code}"
-            except (BaseModelError, ConfigError, TrainingDiverged, ResumeMismatchError) as exc:
+            except BaseModelError as exc:
+                error = engine_input_error(exc, "base_model", where=f"adaptation {spec.adaptation_id}")
+                self._fail(spec, error.code, error.message)
+                return f"failed: {exc.code}"
+            except (ConfigError, TrainingDiverged, ResumeMismatchError) as exc:
                 self._fail(spec, exc.code, str(exc))
                 return f"failed: {exc.code}"
             except Exception as exc:
                 if is_transient(exc):
                     # The object store or database is briefly away: give the job back for another attempt
                     # (the sweeper re-sends it at once; max_attempts bounds the retries).
-                    reason = f"{type(exc).__name__}: {exc}"
-                    log.warning("adaptation %s: transient failure, releasing it: %s", spec.adaptation_id, reason)
+                    # The team's event names the error's type; its text (hosts, library internals) stays in the log.
+                    log.warning("adaptation %s: transient failure, releasing it: %s: %s",
+                                spec.adaptation_id, type(exc).__name__, exc)
+                    reason = f"{type(exc).__name__} (the object store or database was briefly unavailable)"
                     self._with_retry(lambda session: release_leased(session, spec.adaptation_id, self.owner, reason))
                     return "released: transient failure"
                 log.exception("adaptation %s failed", spec.adaptation_id)
@@ -225,6 +239,9 @@ class AdaptationRunner:
             )
 
     def _run_leased(self, spec: JobSpec, keeper: LeaseKeeper) -> str:
+        # The API checked the spec already; the worker checks it again under its own settings before
+        # anything is read, so a row written some other way cannot make it open a file it may not.
+        base_model = check_base_model_spec(spec.base_model, self.settings)
         with tempfile.TemporaryDirectory(prefix=f"must-{spec.adaptation_id}-") as scratch:
             root = Path(scratch)
             images = self._fetch_images(spec, root)
@@ -233,7 +250,7 @@ class AdaptationRunner:
                 spec.config_request,
                 num_images=len(images),
                 num_classes=len(spec.class_names),
-                base_model=spec.base_model,
+                base_model=base_model,
             )
             self._start_running(spec, num_images=len(images), config=config.to_dict())
             work_dir = root / "work"
@@ -246,7 +263,7 @@ class AdaptationRunner:
                 images,
                 spec.class_names,
                 root / "artifact",
-                base_model=spec.base_model,
+                base_model=base_model,
                 config=config,
                 device=self.settings.device,
                 work_dir=work_dir,

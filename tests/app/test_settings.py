@@ -59,6 +59,11 @@ def test_environment_switches_each_part(monkeypatch: pytest.MonkeyPatch, tmp_pat
         ({"MUST_DEVICE": "tpu"}, "device"),
         ({"MUST_SOURCE_BUCKETS": "must"}, "service bucket"),
         ({"MUST_LEASE_SECONDS": "-1"}, "lease_seconds"),
+        ({"MUST_BASE_MODEL_ARCHITECTURES": "ViT-B-16,ViT-B-61"}, "ViT-B-61"),
+        ({"MUST_BASE_MODEL_ARCHITECTURES": " , "}, "at least one"),
+        ({"MUST_LOCAL_WEIGHTS_DIRS": "/models,weights"}, "absolute"),
+        ({"MUST_MAX_CONCURRENT_MODEL_LOADS": "0"}, "max_concurrent_model_loads"),
+        ({"MUST_PREDICTOR_CACHE_BYTES": "0"}, "predictor_cache_bytes"),
     ],
 )
 def test_bad_values_fail_at_start_up(monkeypatch: pytest.MonkeyPatch, variables: dict, mentions: str) -> None:
@@ -66,3 +71,14 @@ def test_bad_values_fail_at_start_up(monkeypatch: pytest.MonkeyPatch, variables:
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=mentions):
         Settings()
+
+
+def test_base_model_policy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings()
+    assert defaults.base_model_architectures == ["proxy-cifar10-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14"]
+    assert defaults.local_weights_dirs == [], "no local weights unless the operator lists a directory"
+    monkeypatch.setenv("MUST_BASE_MODEL_ARCHITECTURES", "proxy-cifar10-tiny, ViT-B-16")
+    monkeypatch.setenv("MUST_LOCAL_WEIGHTS_DIRS", "/models, /mnt/weights")
+    settings = Settings()
+    assert settings.base_model_architectures == ["proxy-cifar10-tiny", "ViT-B-16"]
+    assert settings.local_weights_dirs == [Path("/models"), Path("/mnt/weights")]

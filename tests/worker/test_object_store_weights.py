@@ -11,6 +11,7 @@ from pathlib import Path
 import open_clip
 import pytest
 
+from app.settings import DEFAULT_BASE_MODEL_ARCHITECTURES
 from app.weights import WEIGHTS_PREFIX, WeightsFetcher, WeightsUnavailable
 from must_engine.base_models import SHIPPED_DIR
 
@@ -26,6 +27,12 @@ def proxy_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
     path.write_text(json.dumps(config))
     open_clip.add_model_config(path)
     return name
+
+
+@pytest.fixture(scope="module")
+def stack_overrides(proxy_arch: str) -> dict[str, object]:
+    """The deployment serves the registered proxy architecture (MUST_BASE_MODEL_ARCHITECTURES)."""
+    return {"base_model_architectures": [*DEFAULT_BASE_MODEL_ARCHITECTURES, proxy_arch]}
 
 
 @pytest.fixture(scope="module")

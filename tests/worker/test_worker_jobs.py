@@ -186,12 +186,44 @@ def test_a_missing_source_bucket_fails_the_job(stack, team) -> None:
     assert done["status"] == "failed" and done["error"]["code"] == "source_unavailable"
 
 
-def test_failure_summary_is_one_line() -> None:
+def test_failure_summary_names_the_error_but_not_its_text() -> None:
     from worker.runner import failure_summary
 
-    assert failure_summary(ValueError("bad value")) == "ValueError: bad value"
-    assert failure_summary(RuntimeError()) == "RuntimeError"
+    def said(name: str) -> str:
+        return f"training failed with {name}; the worker log has the details"
+
+    assert failure_summary(ValueError("/srv/secret/path is bad")) == said("ValueError")
+    assert failure_summary(RuntimeError()) == said("RuntimeError")
     loader_error = ValueError(
-        "Caught ValueError in DataLoader worker process 1.\nTraceback...\n  File x\nValueError: bits"
+        "Caught KeyError in DataLoader worker process 1.\nTraceback...\n  File x\nKeyError: /srv/secret"
     )
-    assert failure_summary(loader_error) == "ValueError: bits"
+    assert failure_summary(loader_error) == said("KeyError")
+    assert failure_summary(RuntimeError("line one\n/srv/secret: not a type")) == said("RuntimeError")
+
+
+def test_the_worker_refuses_a_forbidden_base_model_before_reading_anything(stack, team, monkeypatch) -> None:
+    """A row written around the API (or before the policy tightened) still cannot make the worker read a file."""
+    import open_clip
+    import torch
+
+    built: list[str] = []
+    monkeypatch.setattr(open_clip, "create_model", lambda *args, **kwargs: built.append("create_model"))
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: built.append("torch.load"))
+    with stack.session_factory.begin() as session:
+        row = Adaptation(
+            team_id=team.id,
+            request_sha256="0" * 64,
+            class_names=["a", "b"],
+            base_model="ViT-B-32:/proc/self/environ",
+            config_request={},
+            source_bucket="no-such-bucket-here",  # would fail as source_unavailable if the images came first
+            source_prefix="",
+        )
+        session.add(row)
+        session.flush()
+        adaptation_id = row.id
+    enqueue_adaptation(stack.celery, adaptation_id)
+    done = stack.wait_final(team, adaptation_id, timeout=60)
+    assert done["status"] == "failed" and done["error"]["code"] == "weights_not_allowed", done
+    assert "environ" not in done["error"]["message"]
+    assert built == []

@@ -22,7 +22,13 @@ from app.predictors import BatchingPredictor
 from app.schemas import ClassifyImages, ClassifyResponse, ImageResult, Prediction, ZeroShotClassify
 from app.settings import Settings
 from app.uploads import MultipartForm, media_type, read_json, read_multipart
-from app.validation import InputError, check_base_model_spec, class_names_from_form, normalize_class_names
+from app.validation import (
+    InputError,
+    check_base_model_spec,
+    class_names_from_form,
+    engine_input_error,
+    normalize_class_names,
+)
 from must_engine import DEFAULT_BASE_MODEL, BaseModelError, ImageError, open_image
 
 router = APIRouter(tags=["classify"])
@@ -167,7 +173,7 @@ async def _decode(
             try:
                 images.append(open_image(source, filename=name))
             except ImageError as exc:
-                raise InputError(exc.code, str(exc), f"images.{index}") from exc
+                raise engine_input_error(exc, f"images.{index}") from exc
         return images
 
     images = await run_in_threadpool(decode_all)
@@ -232,7 +238,7 @@ async def classify_zero_shot(
     try:
         predictor = await run_in_threadpool(services.predictors.zero_shot, base_model, batch.class_names)
     except BaseModelError as exc:
-        raise InputError(exc.code, str(exc), "base_model") from exc
+        raise engine_input_error(exc, "base_model") from exc
     results = await _predict(predictor, batch)
     services.metrics.classified_images.labels("zero_shot").inc(len(results))
     return ClassifyResponse(model_id=None, base_model=base_model, results=results)
