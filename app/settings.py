@@ -21,7 +21,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 MiB = 1024 * 1024
 # The shipped offline proxy and the ViT CLIP models the presets (and the compose file's GPU workers) are for.
-DEFAULT_BASE_MODEL_ARCHITECTURES = ("proxy-cifar10-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14")
+# The -quickgelu twins are the same networks with OpenAI's activation, for local files of OpenAI weights.
+DEFAULT_BASE_MODEL_ARCHITECTURES = (
+    "proxy-cifar10-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu",
+    "ViT-L-14-quickgelu",
+)
 
 
 class Settings(BaseSettings):

@@ -12,6 +12,7 @@ Rows are appended to --jsonl as each run finishes ({target, variant, seed, top1,
 already there, so a table of several hours survives interruptions.
 
     python -m benchmarks.quality --targets runs/shifts1k --jsonl runs/quality.jsonl --seeds 0,1,2
+    python -m benchmarks.quality --summary runs/quality.jsonl      # mean and spread over seeds, per target
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def print_table(table: dict[str, dict[str, dict[str, float]]], variants: list[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", type=Path, required=True, help="folder of labelled target folders")
+    parser.add_argument("--targets", type=Path, help="folder of labelled target folders")
+    parser.add_argument("--summary", type=Path, nargs="+", metavar="JSONL",
+                        help="print the table of these row files (mean and spread over seeds) and exit")
     parser.add_argument("--only", help="comma-separated target names (default: all)")
     parser.add_argument("--base-model", default="proxy-cifar10-tiny")
     parser.add_argument("--preset", default="auto", help="preset of the ablation variants")
@@ -134,6 +137,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jsonl", type=Path, help="append one row per finished run; rows already there are skipped")
     args = parser.parse_args()
+    if args.summary:
+        print_summary([row for path in args.summary for row in _rows(path)])
+        return
+    if args.targets is None:
+        parser.error("give --targets (or --summary)")
 
     overrides = {**CALIBRATED, **dict(parse_override(item) for item in args.set)}
     variants = args.variants.split(",")
@@ -166,11 +174,39 @@ def main() -> None:
         print_table(table, variants)
 
 
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _finished_rows(path: Path | None) -> set[tuple[str, str, int]]:
     if path is None or not path.is_file():
         return set()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(row["target"], row["variant"], int(row["seed"])) for row in rows}
+    return {(row["target"], row["variant"], int(row["seed"])) for row in _rows(path)}
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    """Top-1 per target and variant as mean over seeds, with min-max spread and the seed count when > 1."""
+    variants = [v for v in VARIANTS if any(row["variant"] == v for row in rows)]
+    targets = sorted({row["target"] for row in rows})
+    cells: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        cells.setdefault((row["target"], row["variant"]), []).append(100 * row["top1"])
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "-"
+        mean = sum(values) / len(values)
+        if len(values) == 1:
+            return f"{mean:.2f}"
+        return f"{mean:.2f} ({min(values):.1f}-{max(values):.1f}, n={len(values)})"
+
+    print("| target | " + " | ".join(variants) + " |")
+    print("|---" * (len(variants) + 1) + "|")
+    for target in targets:
+        print(f"| {target} | " + " | ".join(cell(cells.get((target, v), [])) for v in variants) + " |")
+    complete = [v for v in variants if all((t, v) in cells for t in targets)]
+    means = {v: sum(sum(cells[t, v]) / len(cells[t, v]) for t in targets) / len(targets) for v in complete}
+    print("| **mean** | " + " | ".join(f"**{means[v]:.2f}**" if v in means else "-" for v in variants) + " |")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def nothing_is_built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @dataclass
-class World:
+class ProbeDirs:
     """Directories for the probes: `allowed` is the operator's weights directory, `outside` is not."""
 
     root: Path
@@ -93,12 +93,12 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
-    world = World(tmp_path, tmp_path / "allowed", tmp_path / "outside")
-    world.allowed.mkdir()
-    world.outside.mkdir()
-    (world.allowed / "link").symlink_to(world.target)  # dangling until the target is made
-    return world
+def probe_dirs(tmp_path: Path) -> ProbeDirs:
+    probe_dirs = ProbeDirs(tmp_path, tmp_path / "allowed", tmp_path / "outside")
+    probe_dirs.allowed.mkdir()
+    probe_dirs.outside.mkdir()
+    (probe_dirs.allowed / "link").symlink_to(probe_dirs.target)  # dangling until the target is made
+    return probe_dirs
 
 
 # (name, spec, how the target is made, expected code); `{t}` is the target, `{a}` the allowed directory.
@@ -119,16 +119,16 @@ PROBES = [
 ]
 
 
-def _spec(template: str, world: World) -> str:
-    return template.replace("{t}", str(world.target)).replace("{a}", str(world.allowed))
+def _spec(template: str, probe_dirs: ProbeDirs) -> str:
+    return template.replace("{t}", str(probe_dirs.target)).replace("{a}", str(probe_dirs.allowed))
 
 
-def _make(world: World, how: str) -> None:
-    {"file": world.make_file, "fifo": world.make_fifo, "dir": world.make_dir}[how]()
+def _make(probe_dirs: ProbeDirs, how: str) -> None:
+    {"file": probe_dirs.make_file, "fifo": probe_dirs.make_fifo, "dir": probe_dirs.make_dir}[how]()
 
 
-def _settings(world: World, **overrides: object) -> Settings:
-    return Settings(data_dir=world.root / "var", local_weights_dirs=[world.allowed], **overrides)  # type: ignore[arg-type]
+def _settings(probe_dirs: ProbeDirs, **overrides: object) -> Settings:
+    return Settings(data_dir=probe_dirs.root / "var", local_weights_dirs=[probe_dirs.allowed], **overrides)  # type: ignore[arg-type]
 
 
 def _bounded(work: Callable[[], None], fifo: Path, seconds: float = 120.0) -> None:
@@ -155,27 +155,27 @@ def _bounded(work: Callable[[], None], fifo: Path, seconds: float = 120.0) -> No
 
 
 def test_refused_specs_answer_the_same_whether_or_not_the_target_exists(
-    world: World, nothing_is_built: list[str], monkeypatch: pytest.MonkeyPatch
+    probe_dirs: ProbeDirs, nothing_is_built: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = _settings(world)
-    monkeypatch.chdir(world.outside)
+    settings = _settings(probe_dirs)
+    monkeypatch.chdir(probe_dirs.outside)
 
     def probe_all() -> None:
         for name, template, how, code in PROBES:
-            spec = _spec(template, world)
+            spec = _spec(template, probe_dirs)
             answers = []
             for present in (True, False):
                 if present:
-                    _make(world, how)
+                    _make(probe_dirs, how)
                 with pytest.raises(InputError) as caught:
                     check_base_model_spec(spec, settings)
                 answers.append((caught.value.code, caught.value.message, caught.value.param))
-                world.remove()
-            assert answers[0] == answers[1], f"{name}: the answer reveals whether {world.target} exists"
+                probe_dirs.remove()
+            assert answers[0] == answers[1], f"{name}: the answer reveals whether {probe_dirs.target} exists"
             assert answers[0][0] == code and answers[0][2] == "base_model", (name, answers[0])
-            assert str(world.outside) not in answers[0][1], f"{name}: the message quotes the path"
+            assert str(probe_dirs.outside) not in answers[0][1], f"{name}: the message quotes the path"
 
-    _bounded(probe_all, world.target)
+    _bounded(probe_all, probe_dirs.target)
     assert nothing_is_built == []
 
 
@@ -191,22 +191,22 @@ def test_the_issues_probes_get_one_code_and_one_message(nothing_is_built: list[s
     assert nothing_is_built == []
 
 
-def test_files_in_an_allowed_directory_are_accepted_by_their_real_path(world: World) -> None:
-    settings = _settings(world)
-    weights = world.allowed / "sub" / "weights.safetensors"
+def test_files_in_an_allowed_directory_are_accepted_by_their_real_path(probe_dirs: ProbeDirs) -> None:
+    settings = _settings(probe_dirs)
+    weights = probe_dirs.allowed / "sub" / "weights.safetensors"
     weights.parent.mkdir()
     shutil.copy(PROXY / "open_clip_model.safetensors", weights)
-    (world.allowed / "inside-link").symlink_to(weights)
-    for spec in (f"ViT-B-32:{weights}", f"ViT-B-32:{world.allowed}/sub/../sub/weights.safetensors",
-                 f"ViT-B-32:{world.allowed}/inside-link"):
+    (probe_dirs.allowed / "inside-link").symlink_to(weights)
+    for spec in (f"ViT-B-32:{weights}", f"ViT-B-32:{probe_dirs.allowed}/sub/../sub/weights.safetensors",
+                 f"ViT-B-32:{probe_dirs.allowed}/inside-link"):
         assert check_base_model_spec(spec, settings) == f"ViT-B-32:{os.path.realpath(weights)}"
     # A directory listed through a symlink still matches (both sides are resolved).
-    alias = world.root / "alias"
-    alias.symlink_to(world.allowed)
-    aliased = Settings(data_dir=world.root / "var", local_weights_dirs=[alias])
+    alias = probe_dirs.root / "alias"
+    alias.symlink_to(probe_dirs.allowed)
+    aliased = Settings(data_dir=probe_dirs.root / "var", local_weights_dirs=[alias])
     assert check_base_model_spec(f"ViT-B-32:{weights}", aliased) == f"ViT-B-32:{os.path.realpath(weights)}"
     # A sibling whose name starts with the allowed directory's is not inside it.
-    sibling = world.root / "allowed-not"
+    sibling = probe_dirs.root / "allowed-not"
     sibling.mkdir()
     shutil.copy(weights, sibling / "w.safetensors")
     with pytest.raises(InputError) as caught:
@@ -215,18 +215,18 @@ def test_files_in_an_allowed_directory_are_accepted_by_their_real_path(world: Wo
 
 
 def test_non_files_inside_an_allowed_directory_are_refused_without_opening_them(
-    world: World, nothing_is_built: list[str]
+    probe_dirs: ProbeDirs, nothing_is_built: list[str]
 ) -> None:
-    settings = _settings(world)
-    fifo = world.allowed / "fifo.safetensors"
+    settings = _settings(probe_dirs)
+    fifo = probe_dirs.allowed / "fifo.safetensors"
     os.mkfifo(fifo)
-    (world.allowed / "folder.safetensors").mkdir()
+    (probe_dirs.allowed / "folder.safetensors").mkdir()
     results: dict[str, str] = {}
 
     def probe() -> None:
         for name in ("fifo.safetensors", "folder.safetensors", "missing.safetensors"):
             with pytest.raises(InputError) as caught:
-                check_base_model_spec(f"ViT-B-32:{world.allowed / name}", settings)
+                check_base_model_spec(f"ViT-B-32:{probe_dirs.allowed / name}", settings)
             results[name] = caught.value.code
 
     _bounded(probe, fifo)
@@ -261,9 +261,9 @@ def test_tags_shipped_models_and_object_store_weights_keep_working(tmp_path: Pat
 
 
 @pytest.fixture
-def probing_client(make_client, world: World) -> Iterator[TestClient]:
+def probing_client(make_client, probe_dirs: ProbeDirs) -> Iterator[TestClient]:
     with make_client(
-        local_weights_dirs=[world.allowed], classify_requests_per_second=1000.0, classify_burst=1000
+        local_weights_dirs=[probe_dirs.allowed], classify_requests_per_second=1000.0, classify_burst=1000
     ) as client:
         yield client
 
@@ -271,14 +271,14 @@ def probing_client(make_client, world: World) -> Iterator[TestClient]:
 def test_api_probes_are_refused_alike_open_nothing_and_cost_no_memory(
     probing_client: TestClient,
     team,
-    world: World,
+    probe_dirs: ProbeDirs,
     nothing_is_built: list[str],
     dtd_images,
     monkeypatch: pytest.MonkeyPatch,
     session_factory: sessionmaker[Session],
     store: ObjectStore,
 ) -> None:
-    monkeypatch.chdir(world.outside)
+    monkeypatch.chdir(probe_dirs.outside)
     image = base64.b64encode(_png()).decode()
     archive = dtd_images.zip(dtd_images.paths(8))
 
@@ -299,17 +299,17 @@ def test_api_probes_are_refused_alike_open_nothing_and_cost_no_memory(
 
     def probe_all() -> None:
         for name, template, how, code in [*PROBES, ("the issue's probe", "ViT-B-32:/proc/self/environ", "file", None)]:
-            spec = _spec(template, world)
-            _make(world, how)
+            spec = _spec(template, probe_dirs)
+            _make(probe_dirs, how)
             present = ask(spec)
-            world.remove()
+            probe_dirs.remove()
             absent = ask(spec)
             assert present == absent, f"{name}: the answer reveals whether the target exists"
             for status, error in present:
                 assert status == 400 and error["param"] == "base_model", (name, error)
                 assert error["code"] == (code or "weights_not_allowed"), (name, error)
 
-    _bounded(probe_all, world.target, seconds=300)
+    _bounded(probe_all, probe_dirs.target, seconds=300)
     grown = _rss_bytes() - before
     assert nothing_is_built == []
     assert grown < 100 * 1024 * 1024, f"the API grew by {grown / 2**20:.0f} MiB on refused probes"
@@ -330,11 +330,11 @@ def proxy_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_allowed_local_weights_serve_and_load_errors_hide_library_text(
-    make_client, team, world: World, proxy_arch: str, dtd_images
+    make_client, team, probe_dirs: ProbeDirs, proxy_arch: str, dtd_images
 ) -> None:
-    weights = world.allowed / "proxy.safetensors"
+    weights = probe_dirs.allowed / "proxy.safetensors"
     shutil.copy(PROXY / "open_clip_model.safetensors", weights)
-    broken = world.allowed / "broken.safetensors"
+    broken = probe_dirs.allowed / "broken.safetensors"
     broken.write_bytes(b"this is not a safetensors file")
     images = [base64.b64encode(path.read_bytes()).decode() for path in dtd_images.paths(2)]
 
@@ -343,7 +343,7 @@ def test_allowed_local_weights_serve_and_load_errors_hide_library_text(
         return client.post("/classify", headers={**team.headers, **headers}, json=body)
 
     architectures = [*DEFAULT_BASE_MODEL_ARCHITECTURES, proxy_arch]
-    with make_client(local_weights_dirs=[world.allowed], base_model_architectures=architectures) as client:
+    with make_client(local_weights_dirs=[probe_dirs.allowed], base_model_architectures=architectures) as client:
         local = classify(client, f"{proxy_arch}:{weights}")
         shipped = classify(client, "proxy-cifar10-tiny")
         assert local.status_code == 200 and shipped.status_code == 200, local.text

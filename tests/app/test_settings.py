@@ -75,7 +75,8 @@ def test_bad_values_fail_at_start_up(monkeypatch: pytest.MonkeyPatch, variables:
 
 def test_base_model_policy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = Settings()
-    assert defaults.base_model_architectures == ["proxy-cifar10-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14"]
+    assert defaults.base_model_architectures[:4] == ["proxy-cifar10-tiny", "ViT-B-32", "ViT-B-16", "ViT-L-14"]
+    assert "ViT-B-16-quickgelu" in defaults.base_model_architectures  # local files of OpenAI weights
     assert defaults.local_weights_dirs == [], "no local weights unless the operator lists a directory"
     monkeypatch.setenv("MUST_BASE_MODEL_ARCHITECTURES", "proxy-cifar10-tiny, ViT-B-16")
     monkeypatch.setenv("MUST_LOCAL_WEIGHTS_DIRS", "/models, /mnt/weights")
