@@ -5,7 +5,7 @@ labels (transductive adaptation, the paper's section 4.8); only scoring reads th
 - `zero_shot`; `auto`: what a team gets, `must adapt` with no settings at all (preset auto, no overrides);
   `auto_balanced`: auto's probabilities balanced over the target (Sinkhorn, as `balanced` below);
 - the Table 5 ablation `self_training`, `st_mim`, `must` with the CALIBRATED hyperparameters (picked on the
-  dev shift only) plus --preset/--set, the same for every shift;
+  dev shift only) plus --preset/--set, the same for every shift, and each one `_balanced` like auto;
 - peers (benchmarks/peers.py): `balanced`, `em_prior` (training-free), `tent` (norm-layer entropy tuning).
 
 Rows are appended to --jsonl as each run finishes ({target, variant, seed, top1, ...}); a rerun skips the rows
@@ -49,7 +49,7 @@ PEERS: dict[str, Callable[[Predictor, torch.Tensor, int], torch.Tensor]] = {
     "em_prior": lambda predictor, pixels, seed: em_prior(predictor.probabilities(pixels)),
     "tent": lambda predictor, pixels, seed: tent(predictor.classifier, pixels, seed=seed),
 }
-VARIANTS = ["zero_shot", "auto", "auto_balanced", *ABLATION, *PEERS]
+VARIANTS = ["zero_shot", "auto", "auto_balanced", *ABLATION, *(f"{v}_balanced" for v in ABLATION), *PEERS]
 
 
 def labelled_pixels(predictor: Predictor, target: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,22 +78,22 @@ def run_target(
     class_names = list(labelled_folders(target))
     zero_shot = Predictor.zero_shot(base_model, class_names, device=device)
     pixels, labels = labelled_pixels(zero_shot, target)
-    auto_probs: torch.Tensor | None = None
+    adapted: dict[str, torch.Tensor] = {}  # each adaptation runs once, also when its balanced twin is asked
     results: dict[str, dict[str, float]] = {}
     for variant in variants:
         started = time.perf_counter()
+        base, balanced = variant.removesuffix("_balanced"), variant.endswith("_balanced")
         if variant == "zero_shot":
             probs = zero_shot.probabilities(pixels)
         elif variant in PEERS:
             probs = PEERS[variant](zero_shot, pixels, seed)
-        elif variant in ("auto", "auto_balanced"):
-            if auto_probs is None:
-                auto_probs = adapted_probabilities(target, class_names, pixels, base_model=base_model,
-                                                   preset="auto", overrides={"seed": seed}, device=device)
-            probs = auto_probs if variant == "auto" else sinkhorn_balance(auto_probs)
         else:
-            probs = adapted_probabilities(target, class_names, pixels, base_model=base_model, preset=preset,
-                                          overrides={**overrides, **ABLATION[variant], "seed": seed}, device=device)
+            if base not in adapted:
+                preset_of, extra = ("auto", {}) if base == "auto" else (preset, {**overrides, **ABLATION[base]})
+                adapted[base] = adapted_probabilities(target, class_names, pixels, base_model=base_model,
+                                                      preset=preset_of, overrides={**extra, "seed": seed},
+                                                      device=device)
+            probs = sinkhorn_balance(adapted[base]) if balanced else adapted[base]
         results[variant] = {**score(probs, labels), "seconds": time.perf_counter() - started}
         print(f"  {target.name:<18} {variant:<14} seed {seed} top-1 {results[variant]['top1']:.4f}  "
               f"({results[variant]['seconds']:.0f} s)", flush=True)

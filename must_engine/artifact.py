@@ -82,7 +82,9 @@ def read_metadata(directory: Path) -> dict[str, Any]:
 def load_artifact(directory: Path) -> tuple[ImageClassifier, dict[str, Any]]:
     metadata = read_metadata(directory)
     classifier = build_classifier(metadata["model_cfg"], len(metadata["class_names"]))
-    classifier.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    state.setdefault("class_bias", torch.zeros(classifier.num_classes))  # artifacts from before balancing
+    classifier.load_state_dict(state)
     return classifier.eval(), metadata
 
 

@@ -73,6 +73,9 @@ class MustConfig:
     log_every: int = 10
     # The paper evaluates (and the reference logs) the EMA teacher, which is smoother than the student.
     export: Literal["teacher", "student"] = "teacher"
+    # Fold a per-class logit offset into the exported head that balances its predictions over the bucket
+    # (must_engine/balance.py). Off in the paper's presets; `auto` decides (docs/BENCHMARKS.md).
+    balance_classes: bool = False
     notes: tuple[str, ...] = field(default=())
 
     @property

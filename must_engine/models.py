@@ -27,6 +27,9 @@ class ImageClassifier(nn.Module):
 
     The head runs in fp32 even under bf16 autocast: at scale 100, bf16 logits of 16-32 are rounded to
     steps of 0.125, enough to move a teacher confidence across tau.
+
+    `class_bias` (K,) is added to the logits: zero while training, set at export when the run balances the
+    classes over its bucket (must_engine/balance.py).
     """
 
     def __init__(self, visual: VisionTransformer, head: torch.Tensor, logit_scale: float = CLIP_LOGIT_SCALE) -> None:
@@ -37,6 +40,8 @@ class ImageClassifier(nn.Module):
         self.head = nn.Parameter(head.detach().clone().float())
         self.logit_scale: torch.Tensor
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.class_bias: torch.Tensor
+        self.register_buffer("class_bias", torch.zeros(head.shape[1]))
 
     @property
     def num_classes(self) -> int:
@@ -48,7 +53,7 @@ class ImageClassifier(nn.Module):
     def logits(self, embedding: torch.Tensor) -> torch.Tensor:
         """(B, D) projected image embedding -> (B, K) fp32 logits, outside autocast."""
         with torch.autocast(embedding.device.type, enabled=False):
-            return self.logit_scale * F.normalize(embedding.float(), dim=-1) @ self.head.float()
+            return self.logit_scale * F.normalize(embedding.float(), dim=-1) @ self.head.float() + self.class_bias
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from must_engine.artifact import build_classifier, preprocess_metadata, save_artifact
+from must_engine.balance import balance_classes
 from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, geometry, load_base_model, parse_base_model
 from must_engine.checkpoint import (
     check_resume,
@@ -204,8 +205,11 @@ def adapt(
                 if on_checkpoint is not None:
                     on_checkpoint(path)
 
-    # ---- export ------------------------------------------------------------------------------------
-    exported = must_step.teacher.module if config.export == "teacher" else student
+        # ---- export: the teacher (or student), balanced over the bucket if the config says so ------
+        exported = must_step.teacher.module if config.export == "teacher" else student
+        if config.balance_classes:
+            last_metrics = {**last_metrics, **balance_classes(exported.classifier, paths, preprocess, target)}
+
     artifact = save_artifact(
         Path(out_dir), exported.classifier, class_names=class_names, base_model=spec.spec,
         model_cfg=model_cfg, preprocess=preprocess,

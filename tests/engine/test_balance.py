@@ -1,0 +1,77 @@
+"""Class balancing: the Sinkhorn offsets equal the balanced assignment and travel with the artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from benchmarks.peers import sinkhorn_balance
+from must_engine import Predictor, adapt
+from must_engine.artifact import WEIGHTS_FILE, load_artifact
+from must_engine.balance import sinkhorn_class_bias
+from must_engine.config import ModelGeometry, resolve_config
+from must_engine.images import find_images, open_image
+
+CLASSES = ["banded", "blotchy", "braided"]
+
+
+def skewed_probabilities(n: int = 600, k: int = 5, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=generator) * 2 + torch.linspace(0, 3, k)  # the last class is favoured
+    return logits.softmax(dim=-1)
+
+
+def test_offsets_reproduce_the_balanced_assignment_and_even_out_the_classes() -> None:
+    probs = skewed_probabilities()
+    bias = sinkhorn_class_bias(probs)
+    adjusted = (probs.log() + bias).argmax(dim=-1)
+    assert torch.equal(adjusted, sinkhorn_balance(probs).argmax(dim=-1))
+    counts = torch.bincount(adjusted, minlength=5)
+    raw = torch.bincount(probs.argmax(dim=-1), minlength=5)
+    assert raw.max() > 250 and counts.max() - counts.min() <= 30  # 600 images, 5 classes: about 120 each
+    assert abs(float(bias.sum())) < 1e-4 and bias[-1] < 0 < bias[0]
+
+
+def test_already_balanced_probabilities_get_no_offset() -> None:
+    probs = torch.eye(4).repeat(25, 1) * 0.6 + 0.1
+    assert torch.allclose(sinkhorn_class_bias(probs), torch.zeros(4), atol=1e-5)
+
+
+def test_a_balanced_run_exports_its_offsets_and_serves_with_them(
+    tiny_base_model: str, dtd_subset: Path, tmp_path: Path
+) -> None:
+    overrides = {"epochs": 1, "batch_size": 8, "num_workers": 0, "mim": False}
+    runs = {}
+    for balance in (False, True):
+        config = resolve_config(overrides={**overrides, "balance_classes": balance}, num_images=24, num_classes=3,
+                                geometry=ModelGeometry(image_size=32, patch_size=8))
+        runs[balance] = adapt(dtd_subset, CLASSES, tmp_path / str(balance), base_model=tiny_base_model,
+                              config=config, device="cpu")
+    plain, balanced = (load_artifact(runs[b].artifact_dir)[0] for b in (False, True))
+    assert torch.equal(plain.class_bias, torch.zeros(3))
+    assert balanced.class_bias.abs().max() > 0 and "balance_changed" in runs[True].metrics
+    for key, value in plain.state_dict().items():  # the same training; only the offsets differ
+        if key != "class_bias":
+            assert torch.equal(value, balanced.state_dict()[key]), key
+    # Served over the bucket, the probabilities are the balanced assignment: a uniform class marginal.
+    served = Predictor.load(runs[True].artifact_dir, device="cpu")
+    images = [open_image(path, draft_size=2 * served.size) for path in find_images(dtd_subset)]
+    marginal = served.probabilities(served.preprocess(images)).mean(dim=0)
+    assert torch.allclose(marginal, torch.full((3,), 1 / 3), atol=1e-3), marginal
+    unbalanced = Predictor.load(runs[False].artifact_dir, device="cpu")
+    assert (unbalanced.probabilities(unbalanced.preprocess(images)).mean(dim=0) - 1 / 3).abs().max() > 0.01
+
+
+def test_artifacts_written_before_balancing_still_load(tiny_base_model: str, dtd_subset: Path,
+                                                       tmp_path: Path) -> None:
+    config = resolve_config(overrides={"epochs": 1, "batch_size": 8, "num_workers": 0}, num_images=24,
+                            num_classes=3, geometry=ModelGeometry(image_size=32, patch_size=8))
+    result = adapt(dtd_subset, CLASSES, tmp_path / "model", base_model=tiny_base_model, config=config, device="cpu")
+    weights = result.artifact_dir / WEIGHTS_FILE
+    state = load_file(str(weights))
+    del state["class_bias"]
+    save_file(state, str(weights))
+    classifier, _ = load_artifact(result.artifact_dir)
+    assert torch.equal(classifier.class_bias, torch.zeros(3))
