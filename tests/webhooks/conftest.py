@@ -141,10 +141,15 @@ def make_receiver() -> Iterator[Callable[..., Receiver]]:
         receiver.stop()
 
 
+@pytest.fixture(scope="session")
+def make_webhook_settings(make_service_settings: Callable[..., Any]) -> Callable[[], Any]:
+    """Each call: a world of its own (database, bucket) whose dispatchers may call 127.0.0.1 and retry fast."""
+    return lambda: make_service_settings(**WEBHOOK_SETTINGS)
+
+
 @pytest.fixture(scope="module")
-def webhook_settings(make_service_settings: Callable[..., Any]) -> Any:
-    """A world of its own (database, bucket) whose dispatchers may call 127.0.0.1 and retry fast."""
-    return make_service_settings(**WEBHOOK_SETTINGS)
+def webhook_settings(make_webhook_settings: Callable[[], Any]) -> Any:
+    return make_webhook_settings()
 
 
 @pytest.fixture(scope="module")
