@@ -345,7 +345,15 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(make_service_settings: Callable[..., Settings], base_model: str) -> Iterator[Stack]:
+def stack_overrides() -> dict[str, Any]:
+    """Settings the module's `stack` runs with; a test module overrides this fixture to change them."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    make_service_settings: Callable[..., Settings], base_model: str, stack_overrides: dict[str, Any]
+) -> Iterator[Stack]:
     from celery.contrib.testing.worker import start_worker
     from fastapi.testclient import TestClient
 
@@ -354,7 +362,7 @@ def stack(make_service_settings: Callable[..., Settings], base_model: str) -> It
     from app.storage import create_store
     from worker.celery_app import create_celery_app
 
-    settings = make_service_settings()
+    settings = make_service_settings(**stack_overrides)
     celery = create_celery_app(settings)
     engine = create_db_engine(settings)
     with (

@@ -142,6 +142,11 @@ def make_receiver() -> Iterator[Callable[..., Receiver]]:
 
 
 @pytest.fixture(scope="session")
+def webhook_overrides() -> dict[str, Any]:
+    return dict(WEBHOOK_SETTINGS)
+
+
+@pytest.fixture(scope="session")
 def make_webhook_settings(make_service_settings: Callable[..., Any]) -> Callable[[], Any]:
     """Each call: a world of its own (database, bucket) whose dispatchers may call 127.0.0.1 and retry fast."""
     return lambda: make_service_settings(**WEBHOOK_SETTINGS)
