@@ -40,7 +40,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = Services.create(settings)
     webhook_box = SecretBox.from_settings(settings)
-    dispatcher = Dispatcher(settings, services.session_factory, webhook_box)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -50,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("object store not ready at start-up: %s", exc)
         await run_in_threadpool(prune_staging, settings.staging_dir)
         sweeper = asyncio.create_task(run_sweeper(services))
+        dispatcher = app.state.webhook_dispatcher = Dispatcher(settings, services.session_factory, webhook_box)
         dispatcher.start()
         try:
             yield
@@ -72,7 +72,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     app.state.webhook_box = webhook_box
-    app.state.webhook_dispatcher = dispatcher
     install_error_handlers(app)
     for router in (adaptations.router, models.router, classify.router, health.router, webhooks.router):
         app.include_router(router)
