@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import check_query_parameters
-from app.api.routes import adaptations, classify, health, models
+from app.api.routes import adaptations, classify, health, models, webhooks
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import RequestMetrics
@@ -24,6 +24,8 @@ from app.schemas import ClassifyImages, ErrorBody, ZeroShotClassify
 from app.services import Services
 from app.settings import Settings, get_settings
 from app.sweeper import prune_staging, run_sweeper
+from app.webhooks.dispatcher import Dispatcher
+from app.webhooks.signing import SecretBox
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ HAND_PARSED_MODELS: list[type[BaseModel]] = [
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = Services.create(settings)
+    webhook_box = SecretBox.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -48,12 +51,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("object store not ready at start-up: %s", exc)
         await run_in_threadpool(prune_staging, settings.staging_dir)
         sweeper = asyncio.create_task(run_sweeper(services))
+        dispatcher = app.state.webhook_dispatcher = Dispatcher(settings, services.session_factory, webhook_box)
+        dispatcher.start()
         try:
             yield
         finally:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await run_in_threadpool(dispatcher.stop)
             services.close()
 
     app = FastAPI(
@@ -68,8 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     app.state.services = services
+    app.state.webhook_box = webhook_box
     install_error_handlers(app)
-    for router in (adaptations.router, models.router, classify.router, health.router):
+    for router in (adaptations.router, models.router, classify.router, health.router, webhooks.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: _body_limit(settings, path))
     app.add_middleware(RequestMetrics, metrics=services.metrics)

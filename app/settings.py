@@ -102,6 +102,24 @@ class Settings(BaseSettings):
     # Longer than any job, so the broker never redelivers a message whose worker is still training.
     broker_visibility_timeout_seconds: int = Field(default=7 * 24 * 3600, gt=0)
 
+    # Webhooks (app/webhooks/). Hosts exempt from the https and public-address rules (tests, local receivers).
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Fernet key(s) that encrypt signing secrets at rest, comma-separated (the first encrypts); empty = a key
+    # file generated under data_dir. Every API process must use the same key(s).
+    webhook_secret_key: SecretStr = SecretStr("")
+    # Seconds between attempts (x0.8-1.2 jitter); after the last one the delivery is given up (about 28 h).
+    webhook_retry_delays: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0, 10800.0, 21600.0, 21600.0, 21600.0, 21600.0]
+    )
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_concurrency: int = Field(default=4, ge=1)
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    # A delivery claimed by a sender that died is sent again after this long (same webhook-id).
+    webhook_claim_seconds: float = Field(default=120.0, gt=0)
+    # After a rotation, deliveries are signed with the previous secret too for this long.
+    webhook_previous_secret_seconds: float = Field(default=24 * 3600.0, ge=0)
+    max_webhooks_per_team: int = Field(default=16, ge=1)
+
     @field_validator("source_buckets", mode="before")
     @classmethod
     def _split_buckets(cls, value: object) -> object:
@@ -147,6 +165,38 @@ class Settings(BaseSettings):
         relative = [str(path) for path in value if not path.is_absolute()]
         if relative:
             raise ValueError(f"local_weights_dirs must be absolute paths: {relative}")
+        return value
+
+    @field_validator("webhook_allowed_hosts", "webhook_retry_delays", mode="before")
+    @classmethod
+    def _split_webhook_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _normalise_hosts(cls, value: list[str]) -> list[str]:
+        return [host.lower().strip("[]").rstrip(".") for host in value]
+
+    @field_validator("webhook_retry_delays")
+    @classmethod
+    def _check_delays(cls, value: list[float]) -> list[float]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("webhook_retry_delays must be positive seconds")
+        return value
+
+    @field_validator("webhook_secret_key")
+    @classmethod
+    def _check_webhook_key(cls, value: SecretStr) -> SecretStr:
+        from cryptography.fernet import Fernet
+
+        for key in value.get_secret_value().split(","):
+            if key.strip():
+                try:
+                    Fernet(key.strip())
+                except ValueError as exc:
+                    raise ValueError("webhook_secret_key must be Fernet keys (32 url-safe base64 bytes)") from exc
         return value
 
     @field_validator("device")

@@ -23,6 +23,7 @@ from app.db.models import (
     Model,
     utcnow,
 )
+from app.webhooks.outbox import record_adaptation_status
 
 
 def add_event(
@@ -37,6 +38,7 @@ def add_event(
 
 def add_status_event(session: Session, adaptation_id: str, status: AdaptationStatus, message: str) -> None:
     add_event(session, adaptation_id, EventType.STATUS, message, {"status": status.value})
+    record_adaptation_status(session, adaptation_id, status)  # the webhook outbox, in the same transaction
 
 
 def _rows_changed(session: Session, statement: Update) -> int:

@@ -175,3 +175,59 @@ class PendingUpload(Base):
 
     prefix: Mapped[str] = mapped_column(String(1024), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Webhook(Base):
+    """A team's endpoint; its signing secret is stored encrypted (app.webhooks.signing), never hashed,
+    because every delivery must be signed with it."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_team_id_id", "team_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("wh"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]]
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    # Kept for a grace period after a rotation, so receivers can switch secrets without losing events.
+    previous_secret_encrypted: Mapped[str | None] = mapped_column(Text, default=None)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction of the change it reports.
+
+    `event_id` is the `webhook-id` header, the same on every attempt; `body` is the exact JSON sent.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whd"))
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(40))
+    event_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(64), default=None)
+    claimed_until: Mapped[datetime | None] = mapped_column(default=None)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_status_code: Mapped[int | None] = mapped_column(default=None)
+    last_error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    last_error_message: Mapped[str | None] = mapped_column(String(500), default=None)
+    # At most a short excerpt of what the receiver answered; the rest is never stored.
+    response_excerpt: Mapped[str | None] = mapped_column(String(256), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
