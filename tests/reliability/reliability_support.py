@@ -31,7 +31,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
         if isinstance(value, list):
-            value = ",".join(value)
+            value = ",".join(str(item) for item in value)
         env[f"MUST_{name.upper()}"] = str(value)
     env["HF_HUB_OFFLINE"] = "1"
     return env
