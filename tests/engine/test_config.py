@@ -56,6 +56,13 @@ def test_presets_match_the_reference_table(preset: str, family: str) -> None:
     assert (config.batch_size, config.ema_final, config.weight_decay, config.layer_decay) == (1024, 0.9998, 0.05, 0.65)
     assert (config.min_lr, config.warmup_steps, config.crop_scale_min) == (1e-6, 0, 0.3)
     assert config.randaugment == "rand-m9-mstd0.5-inc1" and config.mim
+    assert not config.balance_classes  # the paper does not balance its predictions
+
+
+def test_auto_balances_the_classes_over_the_bucket() -> None:
+    assert resolve_config(num_images=2000, num_classes=10, geometry=B16).balance_classes
+    assert not resolve_config(overrides={"balance_classes": False}, num_images=2000, num_classes=10,
+                              geometry=B16).balance_classes
 
 
 @pytest.mark.parametrize("preset", ["pets", "caltech101"])
