@@ -16,7 +16,10 @@ from app.db.models import Base
 from app.prestart import ALEMBIC_INI, migrate
 from app.settings import Settings
 
-TABLES = {"teams", "api_keys", "adaptations", "adaptation_events", "models", "pending_uploads", "alembic_version"}
+TABLES = {
+    "teams", "api_keys", "adaptations", "adaptation_events", "models", "pending_uploads", "evaluations",
+    "alembic_version",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
