@@ -64,7 +64,10 @@ class PredictionsWriter:
         return path
 
 
-def read_index(store: ObjectStore, prefix: str) -> dict[str, Any]:
+def read_index(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
+    """The index, or None when there are no predictions (a model trained before they existed)."""
+    if not store.exists(prefix + INDEX_FILE):
+        return None
     index: dict[str, Any] = json.loads(b"".join(store.stream(prefix + INDEX_FILE)))
     return index
 

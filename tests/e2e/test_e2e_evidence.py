@@ -221,3 +221,16 @@ def test_another_team_sees_no_evidence(stack, adapted, make_team, dtd_images) ->
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", path
     posted = _post_audit(stack, outsider, model_id, _labelled_zip(dtd_images.paths(4)))
     assert posted.status_code == 404
+
+
+def test_deleting_the_model_deletes_its_audits(stack, adapted, dtd_images) -> None:
+    """Last in this module: the shared model goes away. Its labels stay with the adaptation."""
+    team, model_id = adapted["team"], adapted["model_id"]
+    assert _post_audit(stack, team, model_id, _labelled_zip(dtd_images.paths(4))).status_code == 202
+    assert stack.client.delete(f"/models/{model_id}", headers=team.headers).status_code == 204
+    assert stack.client.get(f"/models/{model_id}/evaluations", headers=team.headers).status_code == 404
+    deadline = time.monotonic() + 30  # a worker already scoring it deletes the images when it ends
+    while stack.store.list(f"teams/{team.id}/evaluations/"):
+        assert time.monotonic() < deadline, "audit images left behind"
+        time.sleep(0.25)
+    assert len(_all_pages(stack, adapted)) == 16

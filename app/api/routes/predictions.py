@@ -102,6 +102,10 @@ def list_predictions(
     keep = RowFilter(row.class_names, label, zero_shot_label, score_min, score_max, changed)
     store, prefix = services.store, predictions_prefix(team.id, adaptation_id)
     index = read_index(store, prefix)
+    if index is None:
+        raise ApiError(409, "predictions_unavailable",
+                       "this adaptation succeeded before the service labelled buckets; it has no predictions",
+                       "adaptation_id")
     if format is Format.JSON:
         rows = rows_after(store, prefix, index, after)
         page: list[dict[str, Any]] = []
