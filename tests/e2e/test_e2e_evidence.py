@@ -95,7 +95,8 @@ def test_filters_page_over_matching_rows(stack, adapted) -> None:
 
     path, headers = f"/adaptations/{adapted['adaptation_id']}/predictions", adapted["team"].headers
     for params, code in (({"label": "zigzag"}, "unknown_class"), ({"score_min": 0.9, "score_max": 0.1}, None),
-                         ({"score_min": 2}, None), ({"format": "xml"}, None), ({"format": "csv", "after": "a"}, None)):
+                         ({"score_min": 2}, None), ({"format": "xml"}, None), ({"format": "csv", "after": "a"}, None),
+                         ({"format": "jsonl", "limit": 5}, None)):
         response = stack.client.get(path, headers=headers, params=params)
         assert response.status_code == 400, (params, response.text)
         if code:

@@ -27,6 +27,8 @@ from must_engine.evaluate import class_key
 
 router = APIRouter(prefix="/adaptations", tags=["predictions"])
 
+DEFAULT_PAGE_SIZE = 20
+
 
 class Format(StrEnum):
     JSON = "json"
@@ -83,7 +85,7 @@ def list_predictions(
     team: CurrentTeam,
     services: ServicesDep,
     adaptation_id: str,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE_SIZE, description="Rows per JSON page (20).")] = None,
     after: Annotated[str | None, Query(max_length=4096, description="The image of the last row already seen.")] = None,
     format: Annotated[Format, Query(description="json: pages; csv or jsonl: every row, streamed.")] = Format.JSON,
     label: Annotated[str | None, Query(description="Only rows whose adapted top-1 is this class.")] = None,
@@ -107,6 +109,7 @@ def list_predictions(
                        "this adaptation succeeded before the service labelled buckets; it has no predictions",
                        "adaptation_id")
     if format is Format.JSON:
+        limit = limit or DEFAULT_PAGE_SIZE
         rows = rows_after(store, prefix, index, after)
         page: list[dict[str, Any]] = []
         for candidate in rows:
@@ -115,8 +118,9 @@ def list_predictions(
                     return BucketPredictionList.model_validate({"data": page, "has_more": True})
                 page.append(candidate)
         return BucketPredictionList.model_validate({"data": page, "has_more": False})
-    if after is not None:
-        raise bad_request("invalid_request", "after pages JSON results; csv and jsonl stream every row", "after")
+    for name, value in (("after", after), ("limit", limit)):
+        if value is not None:
+            raise bad_request("invalid_request", f"{name} pages JSON results; csv and jsonl stream every row", name)
     media = "text/csv" if format is Format.CSV else "application/x-ndjson"
     return StreamingResponse(
         _stream(store, prefix, index, keep, format), media_type=media,
