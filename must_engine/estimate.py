@@ -221,8 +221,12 @@ MEASURED_ERROR: dict[str, Any] = {
     "ranked_adapted_vs_zero_shot": "7 of 8",
     "benchmark": "benchmarks/estimator.py, proxy-cifar10-tiny on 8 shifted CIFAR-10 targets of 1,000 balanced "
                  "images (severity 5), zero-shot and MUST; docs/BENCHMARKS.md section 5, measured 2026-12-01",
-    "summary": "measured on the proxy benchmark: off by 7.9 points on average (at most 15.8), too high on every "
-               "target; ordered adapted vs zero-shot correctly on 7 of 8; assumes roughly balanced classes",
+    # The same on 8 targets never looked at while choosing the estimator (severity 3, another subset).
+    "held_out": {"mae_points": 3.45, "max_error_points": 7.70, "mean_signed_error_points": 3.37,
+                 "ranked_adapted_vs_zero_shot": "7 of 8"},
+    "summary": "measured on the proxy benchmark: off by 7.9 points on average (at most 15.8) on harsh shifts "
+               "and 3.5 (at most 7.7) on milder held-out ones, usually too high; ordered adapted vs zero-shot "
+               "correctly on 7 of 8 in both; assumes roughly balanced classes",
 }
 
 
