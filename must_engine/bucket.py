@@ -10,12 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from PIL import Image
 
 from must_engine.artifact import METADATA_FILE, read_metadata
 from must_engine.base_models import FetchWeights
@@ -106,21 +109,32 @@ def label_batches(
 ) -> Iterator[LabelledBatch]:
     """Both models' probabilities for every image, `batch_size` images decoded at a time.
 
-    Each image is decoded once and preprocessed by each predictor (their input sizes may differ).
+    Each image is decoded once and preprocessed by each predictor (their input sizes may differ). Decoding
+    runs on a thread pool (PIL releases the GIL) one batch ahead, so the next batch decodes while the
+    models run on this one; at most two batches of images are in memory.
     """
     if adapted.class_names != zero_shot.class_names:
         raise ValueError(f"class names differ: {adapted.class_names} vs {zero_shot.class_names}")
     draft = 2 * max(adapted.size, zero_shot.size)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        decoded = [open_image(path, filename=name, draft_size=draft) for path, name in chunk]
-        yield LabelledBatch(
-            names=[name for _, name in chunk],
-            adapted=adapted.probabilities(adapted.preprocess(decoded)),
-            zero_shot=zero_shot.probabilities(zero_shot.preprocess(decoded)),
-        )
-        if on_progress is not None:
-            on_progress(start + len(chunk), len(images))
+    starts = range(0, len(images), batch_size)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode") as pool:
+
+        def decode(start: int) -> list[Future[Image.Image]]:
+            chunk = images[start : start + batch_size]
+            return [pool.submit(open_image, path, filename=name, draft_size=draft) for path, name in chunk]
+
+        pending = decode(0) if starts else []
+        for start in starts:
+            decoded = [future.result() for future in pending]
+            if start + batch_size < len(images):
+                pending = decode(start + batch_size)
+            yield LabelledBatch(
+                names=[name for _, name in images[start : start + batch_size]],
+                adapted=adapted.probabilities(adapted.preprocess(decoded)),
+                zero_shot=zero_shot.probabilities(zero_shot.preprocess(decoded)),
+            )
+            if on_progress is not None:
+                on_progress(start + len(decoded), len(images))
 
 
 def top_k(probabilities: torch.Tensor, class_names: Sequence[str], k: int) -> list[Prediction]:
