@@ -168,6 +168,12 @@ def test_audit_equals_must_eval_on_the_same_folder(
     listed = stack.client.get(f"/models/{model_id}/evaluations", headers=team.headers).json()
     assert [e["id"] for e in listed["data"]] == [body["id"]] and listed["has_more"] is False
 
+    # A second delivery of the same message finds the audit finished and changes nothing.
+    from worker.evaluations import EvaluationRunner
+
+    assert EvaluationRunner(stack.settings, stack.session_factory, stack.store, body["id"]).run().startswith("skipped")
+    assert stack.client.get(f"/models/{model_id}/evaluations/{body['id']}", headers=team.headers).json() == body
+
 
 def test_bad_audits_answer_400_and_write_nothing(stack, adapted, dtd_images) -> None:
     team, model_id = adapted["team"], adapted["model_id"]
