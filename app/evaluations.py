@@ -101,7 +101,7 @@ def _commit(services: Services, team: Team, model: Model, upload: LabelledUpload
             row = Evaluation(id=evaluation_id, team_id=team.id, model_id=model.id, n=upload.n, images_key=key)
             session.add(row)
         services.celery.send_task(RUN_EVALUATION, args=[evaluation_id])
-    except BaseException:
+    except Exception:
         log.exception("could not start evaluation %s; removing it", evaluation_id)
         with transaction(services.session_factory) as session:
             session.execute(delete(Evaluation).where(Evaluation.id == evaluation_id))

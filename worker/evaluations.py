@@ -11,9 +11,9 @@ import logging
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import CursorResult, and_, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Evaluation, EvaluationStatus, Model, utcnow
@@ -57,7 +57,7 @@ class EvaluationRunner:
         now = utcnow()
         stale = now - timedelta(seconds=self.settings.lease_seconds)
         with transaction(self.session_factory) as session:
-            taken = session.execute(
+            taken = cast(CursorResult[Any], session.execute(
                 update(Evaluation)
                 .where(
                     Evaluation.id == self.evaluation_id,
@@ -67,8 +67,8 @@ class EvaluationRunner:
                 .values(status=EvaluationStatus.RUNNING, attempts=Evaluation.attempts + 1, updated_at=now,
                         started_at=now, progress={"fraction": 0.0})
                 .execution_options(synchronize_session=False)
-            )
-            if taken.rowcount != 1:  # type: ignore[attr-defined]
+            ))
+            if taken.rowcount != 1:
                 return None
             row = session.get_one(Evaluation, self.evaluation_id)
             model = session.get_one(Model, row.model_id)
