@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import check_query_parameters
-from app.api.routes import adaptations, classify, health, models, webhooks
+from app.api.routes import adaptations, classify, evaluations, health, models, predictions, webhooks
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import RequestMetrics
@@ -76,7 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.state.webhook_box = webhook_box
     install_error_handlers(app)
-    for router in (adaptations.router, models.router, classify.router, health.router, webhooks.router):
+    for router in (adaptations.router, predictions.router, models.router, evaluations.router, classify.router,
+                   health.router, webhooks.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: _body_limit(settings, path))
     app.add_middleware(RequestMetrics, metrics=services.metrics)
@@ -86,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _body_limit(settings: Settings, path: str) -> int:
-    if path == "/adaptations":
+    if path == "/adaptations" or path.endswith("/evaluations"):
         return settings.max_upload_bytes
     if path.endswith("/classify"):
         return settings.max_classify_bytes

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.models import Adaptation as AdaptationRow
 from app.db.models import AdaptationEvent as EventRow
+from app.db.models import Evaluation as EvaluationRow
 from app.db.models import Model as ModelRow
 
 
@@ -127,6 +128,8 @@ class Model(BaseModel):
     class_names: list[str]
     base_model: str
     metrics: dict[str, Any]
+    # Label-free evidence on the bucket (must_engine.estimate.BucketEvidence.report); None on older models.
+    report: dict[str, Any] | None
     artifact_bytes: int
 
     @classmethod
@@ -138,6 +141,7 @@ class Model(BaseModel):
             class_names=row.class_names,
             base_model=row.base_model,
             metrics=row.metrics or {},
+            report=row.report,
             artifact_bytes=row.artifact_bytes,
         )
 
@@ -145,6 +149,68 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[Model]
+    has_more: bool
+
+
+class ModelScores(BaseModel):
+    """One model's scores in an audit (must_engine.evaluate.EvalResult)."""
+
+    top1: float
+    mean_per_class: float
+    n: int
+    per_class: dict[str, float]
+    class_names: list[str]
+    confusion: list[list[int]] = Field(description="confusion[i][j]: images of class i predicted as class j")
+
+
+class Evaluation(BaseModel):
+    id: str
+    object: str = "evaluation"
+    model_id: str
+    status: str
+    n: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    adapted: ModelScores | None
+    zero_shot: ModelScores | None
+    error: JobError | None
+
+    @classmethod
+    def from_row(cls, row: EvaluationRow) -> Evaluation:
+        results = row.results or {}
+        return cls(
+            id=row.id,
+            model_id=row.model_id,
+            status=row.status,
+            n=row.n,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            progress=Progress(**(row.progress or {})),
+            adapted=results.get("adapted"),
+            zero_shot=results.get("zero_shot"),
+            error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
+        )
+
+
+class EvaluationList(BaseModel):
+    object: str = "list"
+    data: list[Evaluation]
+    has_more: bool
+
+
+class BucketPrediction(BaseModel):
+    image: str
+    predictions: list[Prediction]
+    zero_shot: list[Prediction]
+    changed: bool
+
+
+class BucketPredictionList(BaseModel):
+    object: str = "list"
+    data: list[BucketPrediction]
     has_more: bool
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from must_engine.artifact import is_artifact
 from must_engine.base_models import DEFAULT_BASE_MODEL, BaseModelError, geometry, parse_base_model
+from must_engine.bucket import RowsFile
 from must_engine.config import PRESETS, ConfigError, resolve_config
 from must_engine.data import NoImagesError, collect_images
 from must_engine.images import ArchiveError, ImageError, open_image
@@ -67,8 +68,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     spec = parse_base_model(args.base_model, args.pretrained)
     out_dir = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out_dir.with_name(out_dir.name + ".work")
-    paths = collect_images(Path(args.images), work_dir / "images") if Path(args.images).suffix == ".zip" \
-        else collect_images(Path(args.images))
+    source = Path(args.images)
+    images_root = work_dir / "images" if source.suffix == ".zip" else source  # what prediction names are relative to
+    paths = collect_images(source, images_root) if source.suffix == ".zip" else collect_images(source)
+    if args.predictions:
+        RowsFile(Path(args.predictions))  # a wrong suffix fails now, not after training
     config = resolve_config(args.preset, overrides, num_images=len(paths), num_classes=len(class_names),
                             geometry=geometry(spec))
     bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=args.quiet)
@@ -86,10 +90,31 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     result = adapt(paths, class_names, out_dir, base_model=spec.spec, config=config, device=args.device,
                    work_dir=work_dir, on_progress=show)
     bar.close()
+    if args.predictions:
+        _write_predictions(paths, images_root, result.artifact_dir, Path(args.predictions), args)
     if not args.keep_checkpoint:
         clear_work_dir(work_dir)
     print(f"adapted model written to {result.artifact_dir}")
     return 0
+
+
+def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: Path, args: argparse.Namespace) -> None:
+    """Label every image with the adapted model and zero-shot; print the label-free report."""
+    from tqdm import tqdm
+
+    from must_engine.bucket import label_bucket
+
+    named = [(path, path.relative_to(root).as_posix() if root.is_dir() else path.name) for path in paths]
+    bar = tqdm(total=len(named), unit="image", desc="labelling", dynamic_ncols=True, disable=args.quiet)
+    with RowsFile(out) as sink:
+        report = label_bucket(named, artifact_dir, on_rows=sink.write, device=args.device,
+                              on_progress=lambda done, _: bar.update(done - bar.n))
+    bar.close()
+    estimate = report["estimated_top1"]
+    print(f"{sink.count} predictions written to {out}; "
+          f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot")
+    print(f"estimated top-1 ({estimate['estimator']}, label-free): adapted {100 * estimate['adapted']:.1f}%, "
+          f"zero-shot {100 * estimate['zero_shot']:.1f}%  [{estimate['measured_error']['summary']}]")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -138,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--work-dir", help="checkpoint directory (default: OUT.work); a rerun resumes from it")
     adapt.add_argument("--keep-checkpoint", action="store_true")
     adapt.add_argument("--quiet", action="store_true", help="no progress bar")
+    adapt.add_argument("--predictions", metavar="FILE",
+                       help="also label every image with the adapted model and zero-shot, to FILE (.csv or .jsonl)")
     adapt.set_defaults(handler=cmd_adapt)
 
     evaluation = commands.add_parser("eval", help="top-1 and mean-per-class accuracy on a labelled folder")

@@ -219,7 +219,7 @@ def _auto_values(num_images: int, num_classes: int, geometry: ModelGeometry) -> 
         tau=0.7 if large_set else 0.5,
         base_lr=4e-5 if geometry.large else 2e-5,
         epochs=30 if large_set else (60 if small else 20),
-        # Measured on the dev shift (docs/BENCHMARKS.md, section 5): auto 42.2% -> 53.3% (zero-shot 46.2%).
+        # Measured on the dev shift (docs/BENCHMARKS.md, section 6): auto 42.2% -> 53.3% (zero-shot 46.2%).
         balance_classes=True,
     )
 

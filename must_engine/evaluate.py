@@ -17,12 +17,17 @@ class EvalResult:
     mean_per_class: float
     n: int
     per_class: dict[str, float]
+    # confusion[i][j]: images of the model's class i predicted as class j (rows and columns in class_names order).
+    class_names: list[str]
+    confusion: list[list[int]]
 
     def to_dict(self) -> dict[str, object]:
-        return {"top1": self.top1, "mean_per_class": self.mean_per_class, "n": self.n, "per_class": self.per_class}
+        return {"top1": self.top1, "mean_per_class": self.mean_per_class, "n": self.n, "per_class": self.per_class,
+                "class_names": self.class_names, "confusion": self.confusion}
 
 
-def _key(name: str) -> str:
+def class_key(name: str) -> str:
+    """How a folder name is matched to a class name: case, spacing and underscores ignored."""
     return " ".join(name.replace("_", " ").split()).casefold()
 
 
@@ -37,11 +42,11 @@ def labelled_folders(root: Path) -> dict[str, list[Path]]:
 
 def evaluate(predictor: Predictor, root: Path, batch_size: int = 256) -> EvalResult:
     folders = labelled_folders(root)
-    index = {_key(name): i for i, name in enumerate(predictor.class_names)}
-    missing = [name for name in folders if _key(name) not in index]
+    index = {class_key(name): i for i, name in enumerate(predictor.class_names)}
+    missing = [name for name in folders if class_key(name) not in index]
     if missing:
         raise ValueError(f"folders {missing} match no class of the model ({predictor.class_names})")
-    samples = [(path, index[_key(name)]) for name, paths in folders.items() for path in paths]
+    samples = [(path, index[class_key(name)]) for name, paths in folders.items() for path in paths]
     predictions = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -54,9 +59,13 @@ def evaluate(predictor: Predictor, root: Path, batch_size: int = 256) -> EvalRes
         predictor.class_names[label]: float(correct[labels == label].float().mean())
         for label in sorted(set(labels.tolist()))
     }
+    k = len(predictor.class_names)
+    confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
     return EvalResult(
         top1=float(correct.float().mean()),
         mean_per_class=sum(per_class.values()) / len(per_class),
         n=len(samples),
         per_class=per_class,
+        class_names=list(predictor.class_names),
+        confusion=confusion.tolist(),
     )

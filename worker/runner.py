@@ -34,6 +34,7 @@ from app.db.jobs import (
 )
 from app.db.models import Adaptation, AdaptationStatus, EventType, Model, new_id, utcnow
 from app.db.session import is_database_unavailable, transaction
+from app.predictions import predictions_prefix
 from app.settings import Settings
 from app.storage import ObjectStore, StorageError, download_prefix, object_key, upload_directory
 from app.validation import (
@@ -56,6 +57,8 @@ from must_engine import (
     TrainingDiverged,
     adapt,
 )
+from must_engine.bucket import NamedPath
+from worker.evidence import BucketEvidence, bucket_names, label_job_bucket
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,10 @@ class JobSpec:
     @property
     def checkpoint_key(self) -> str:
         return object_key("teams", self.team_id, "adaptations", self.adaptation_id, "checkpoint", CHECKPOINT_FILE)
+
+    @property
+    def predictions_prefix(self) -> str:
+        return predictions_prefix(self.team_id, self.adaptation_id)
 
 
 class LeaseKeeper:
@@ -259,8 +266,9 @@ class AdaptationRunner:
                 self.store.get_file(spec.checkpoint_key, work_dir / CHECKPOINT_FILE)
                 self._event(spec, EventType.MESSAGE, "found a checkpoint from an earlier attempt; resuming")
             keeper.check()
+            fetch_weights = WeightsFetcher(self.store, self.settings)
             result = adapt(
-                images,
+                [path for path, _ in images],
                 spec.class_names,
                 root / "artifact",
                 base_model=base_model,
@@ -270,11 +278,16 @@ class AdaptationRunner:
                 on_progress=lambda progress: self._on_progress(spec, progress),
                 on_checkpoint=lambda path: self._on_checkpoint(spec, path),
                 should_stop=keeper.should_stop,
-                fetch_weights=WeightsFetcher(self.store, self.settings),
+                fetch_weights=fetch_weights,
             )
-            return self._store_model(spec, result)
+            evidence = label_job_bucket(
+                images, result.artifact_dir, root / "predictions", device=self.settings.device,
+                fetch_weights=fetch_weights, check=keeper.check,
+                report_progress=lambda message, data: self._event(spec, EventType.PROGRESS, message, data),
+            )
+            return self._store_model(spec, result, evidence)
 
-    def _fetch_images(self, spec: JobSpec, root: Path) -> list[Path]:
+    def _fetch_images(self, spec: JobSpec, root: Path) -> list[NamedPath]:
         source = self.store.for_bucket(spec.source_bucket)
         downloaded = root / "source"
         try:
@@ -289,7 +302,7 @@ class AdaptationRunner:
         images = images_in_directory(downloaded, root / "extracted", limits)
         check_images(images, limits)
         self._event(spec, EventType.MESSAGE, f"{len(images)} images validated")
-        return [path for path, _ in images]
+        return bucket_names([path for path, _ in images], downloaded, root / "extracted")
 
     def _start_running(self, spec: JobSpec, **values: Any) -> None:
         def start(session: Session) -> bool:
@@ -349,11 +362,12 @@ class AdaptationRunner:
         except Exception:
             log.exception("uploading the checkpoint of %s failed; training goes on", spec.adaptation_id)
 
-    def _store_model(self, spec: JobSpec, result: AdaptResult) -> str:
-        """Upload the artifact, then reference it in one transaction; never a row without its files."""
+    def _store_model(self, spec: JobSpec, result: AdaptResult, evidence: BucketEvidence) -> str:
+        """Upload the artifact and predictions, then reference them in one transaction; never a row without files."""
         model_id = new_id("mdl")
         prefix = object_key("teams", spec.team_id, "models", model_id) + "/"
         size = upload_directory(self.store, result.artifact_dir, prefix)
+        upload_directory(self.store, evidence.predictions_dir, spec.predictions_prefix)
         model = Model(
             id=model_id,
             team_id=spec.team_id,
@@ -361,6 +375,7 @@ class AdaptationRunner:
             class_names=spec.class_names,
             base_model=spec.base_model,
             metrics=result.metrics,
+            report=evidence.report,
             artifact_prefix=prefix,
             artifact_bytes=size,
         )
@@ -372,6 +387,7 @@ class AdaptationRunner:
             self._discard_checkpoint(spec)
             return f"succeeded: {model_id}"
         self.store.delete_prefix(prefix)
+        self.store.delete_prefix(spec.predictions_prefix)
         raise AdaptCancelled("cancelled as training finished")
 
     def _finish(self, spec: JobSpec, status: AdaptationStatus, message: str, **values: Any) -> None:
@@ -379,6 +395,10 @@ class AdaptationRunner:
             lambda session: finish_leased(session, spec.adaptation_id, self.owner, status, message, **values)
         )
         self._discard_checkpoint(spec)
+        try:  # a job that does not succeed has no predictions, even if an earlier attempt uploaded some
+            self.store.delete_prefix(spec.predictions_prefix)
+        except Exception:
+            log.exception("could not delete the predictions of %s", spec.adaptation_id)
 
     def _fail(self, spec: JobSpec, code: str, message: str) -> None:
         self._finish(spec, AdaptationStatus.FAILED, f"failed: {code}", error_code=code, error_message=message)

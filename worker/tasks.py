@@ -1,4 +1,4 @@
-"""The one Celery task: run an adaptation job by id (all state lives in its database row)."""
+"""The Celery tasks: run an adaptation job, or an audit, by id (all state lives in its database row)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from celery import Task, shared_task
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import create_db_engine, create_session_factory
+from app.evaluations import RUN_EVALUATION
 from app.storage import ObjectStore, create_store
 from worker.celery_app import RUN_ADAPTATION, MustCelery
+from worker.evaluations import EvaluationRunner
 from worker.runner import AdaptationRunner
 
 log = logging.getLogger(__name__)
@@ -43,4 +45,14 @@ def run_adaptation(self: Task, adaptation_id: str) -> str:
     resources = resources_for(app)
     outcome = AdaptationRunner(app.must_settings, resources.session_factory, resources.store, adaptation_id).run()
     log.info("adaptation %s: %s", adaptation_id, outcome)
+    return outcome
+
+
+@shared_task(bind=True, name=RUN_EVALUATION, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_evaluation(self: Task, evaluation_id: str) -> str:
+    app = self.app
+    assert isinstance(app, MustCelery), "run_evaluation needs the app from worker.celery_app"
+    resources = resources_for(app)
+    outcome = EvaluationRunner(app.must_settings, resources.session_factory, resources.store, evaluation_id).run()
+    log.info("evaluation %s: %s", evaluation_id, outcome)
     return outcome

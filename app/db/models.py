@@ -159,9 +159,45 @@ class Model(Base):
     class_names: Mapped[list[str]]
     base_model: Mapped[str] = mapped_column(String(500))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # The label-free report on the bucket (must_engine.estimate), also in the artifact's metadata.
+    report: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     artifact_prefix: Mapped[str] = mapped_column(String(1024))
     artifact_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvaluationStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Evaluation(Base):
+    """An audit of a model on labelled images: adapted vs zero-shot on the same images.
+
+    The images are an object (`images_key`) until the worker has scored them; then they are deleted.
+    """
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_model_id_id", "model_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("eva"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default=EvaluationStatus.QUEUED)
+    n: Mapped[int] = mapped_column(Integer)
+    images_key: Mapped[str] = mapped_column(String(1024))
+    progress: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    results: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Written with each progress update: a running row not touched for a lease period lost its worker.
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class PendingUpload(Base):

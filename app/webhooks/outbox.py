@@ -28,7 +28,7 @@ ADAPTATION_EVENTS = {
     AdaptationStatus.FAILED: "adaptation.failed",
     AdaptationStatus.CANCELLED: "adaptation.cancelled",
 }
-# `evaluation.succeeded` is recorded by the evaluations feature with `record_event` when an audit ends.
+# `evaluation.succeeded` is recorded by worker/evaluations.py with `record_event` when an audit ends.
 EVENT_TYPES = (*ADAPTATION_EVENTS.values(), "evaluation.succeeded")
 
 JITTER = 0.2

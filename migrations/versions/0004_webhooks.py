@@ -1,7 +1,7 @@
 """Webhooks: per-team endpoints with encrypted signing secrets, and the delivery outbox.
 
 Revision ID: 0004
-Revises: 0002 (the merge re-chains it after 0003)
+Revises: 0003
 Create Date: 2026-11-24
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | Sequence[str] | None = "0002"
+down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

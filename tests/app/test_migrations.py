@@ -25,6 +25,7 @@ TABLES = {
     "pending_uploads",
     "webhooks",
     "webhook_deliveries",
+    "evaluations",
     "alembic_version",
 }
 

@@ -110,11 +110,29 @@ def test_embedded_service_adapts_and_classifies(
         labels = [p["label"] for p in classified.json()["results"][0]["predictions"]]
         assert sorted(labels) == ["banded", "blotchy"]
 
+        # Evidence: labels for the whole bucket, the report, an audit (SQLite, local store, file broker).
+        streamed = client.get(f"/adaptations/{adaptation_id}/predictions", params={"format": "jsonl"})
+        rows = [json.loads(line) for line in streamed.text.splitlines()]
+        assert sorted(row["image"] for row in rows) == sorted(f"{p.parent.name}/{p.name}" for p in dtd_images.paths(16))
+        report = client.get(f"/models/{body['model_id']}").json()["report"]
+        assert report["num_images"] == 16 and report["estimated_top1"]["measured_error"]["mae_points"] > 0
+        audit = client.post(f"/models/{body['model_id']}/evaluations",
+                            files={"images": ("audit.zip", dtd_images.zip(dtd_images.paths(6)), "application/zip")})
+        assert audit.status_code == 202, audit.text
+        while (scored := client.get(f"/models/{body['model_id']}/evaluations/{audit.json()['id']}").json())[
+            "status"
+        ] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, scored
+            time.sleep(1)
+        assert scored["status"] == "succeeded" and scored["n"] == 6, scored
+        assert 0 <= scored["adapted"]["top1"] <= 1 and scored["zero_shot"]["n"] == 6
+
     objects = workdir / "var" / "objects"
     assert sorted(path.name for path in objects.rglob("*") if path.is_file() and "models" in path.parts) == [
         "metadata.json",
         "model.safetensors",
     ]
+    assert not any(path.is_file() for path in objects.rglob("*") if "evaluations" in path.parts)
     assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["var"], "all state lives under ./var"
 
 

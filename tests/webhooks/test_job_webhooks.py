@@ -65,3 +65,25 @@ def test_succeeded_failed_and_cancelled_jobs_each_deliver_once(
     assert by_type[(failing_id, "adaptation.failed")]["error"]["code"] in ("unsupported_format", "corrupt_image")
     assert by_type[(cancelling, "adaptation.cancelled")]["model_id"] is None
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 5
+
+
+def test_a_finished_audit_delivers_evaluation_succeeded_once(stack, team, make_receiver, dtd_images) -> None:
+    receiver = make_receiver()
+    response = stack.client.post("/webhooks", headers=team.headers,
+                                 json={"url": receiver.url, "events": ["evaluation.succeeded"]})
+    assert response.status_code == 201, response.text
+    receiver.secrets = [response.json()["secret"]]
+    job = stack.wait_final(team, stack.submit(team, dtd_images.zip(dtd_images.paths(16)))["id"])
+    assert job["status"] == "succeeded"
+    labelled = {"images": ("audit.zip", dtd_images.zip(dtd_images.paths(6)), "application/zip")}
+    posted = stack.client.post(f"/models/{job['model_id']}/evaluations", headers=team.headers, files=labelled)
+    assert posted.status_code in (200, 201, 202), posted.text
+    evaluation = posted.json()["id"]
+
+    receiver.wait_for(1, timeout=60)
+    time.sleep(2.0)  # room for a duplicate to show up
+    assert [(r.payload["type"], r.payload["data"]["id"]) for r in receiver.received] == [
+        ("evaluation.succeeded", evaluation)
+    ]
+    data = receiver.received[0].payload["data"]
+    assert receiver.received[0].verified and data["status"] == "succeeded" and data["n"] == 6

@@ -16,6 +16,7 @@ from starlette.background import BackgroundTask
 
 from app.api.deps import CurrentTeam, ServicesDep, SessionDep
 from app.api.pagination import MAX_PAGE_SIZE, newest_first
+from app.db.models import Evaluation as EvaluationRow
 from app.db.models import Model as ModelRow
 from app.db.models import utcnow
 from app.errors import ApiError, not_found
@@ -57,10 +58,14 @@ def delete_model(session: SessionDep, team: CurrentTeam, services: ServicesDep, 
     """Forget the model, then delete its files: a failure in between leaves files, never a dangling row."""
     row = owned_model(session, team, model_id)
     prefix = row.artifact_prefix
+    # Its evaluations go with it (foreign key); the images of any not yet scored go too.
+    audit_images = session.scalars(select(EvaluationRow.images_key).where(EvaluationRow.model_id == model_id)).all()
     session.delete(row)
     session.commit()
     services.predictors.evict_model(model_id)
     services.store.delete_prefix(prefix)
+    for key in audit_images:
+        services.store.delete_prefix(key)
     return Response(status_code=204)
 
 

@@ -1,0 +1,129 @@
+"""Bucket labelling and label-free evidence: estimators on known probabilities, `must adapt --predictions`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from must_engine import Predictor, open_image
+from must_engine.artifact import read_metadata
+from must_engine.audit import audit, unknown_folders
+from must_engine.bucket import RowsFile
+from must_engine.cli import main
+from must_engine.estimate import DEFAULT_ESTIMATOR, ESTIMATORS, BucketEvidence
+from must_engine.evaluate import evaluate
+
+CLASSES = ["banded", "blotchy", "braided"]
+
+
+def test_estimators_and_report_on_known_probabilities() -> None:
+    torch.manual_seed(0)
+    adapted = torch.softmax(torch.randn(50, 3) * 3, dim=-1)
+    zero_shot = torch.softmax(torch.randn(50, 3) * 3, dim=-1)
+    evidence = BucketEvidence(CLASSES)
+    for start in range(0, 50, 16):  # batches of uneven size must give the numbers of the whole matrix
+        evidence.add(adapted[start : start + 16], zero_shot[start : start + 16])
+
+    top_a, top_z = adapted.argmax(1), zero_shot.argmax(1)
+    ac = evidence.estimate("average_confidence")
+    assert ac["adapted"] == pytest.approx(float(adapted.max(1).values.mean()), abs=1e-6)
+    cross = evidence.estimate("cross_confidence")
+    assert cross["zero_shot"] == pytest.approx(float(adapted[torch.arange(50), top_z].mean()), abs=1e-6)
+    nuclear = evidence.estimate("nuclear_norm")
+    expected = float(torch.linalg.svdvals(zero_shot.double()).sum() / (50 * 3) ** 0.5)
+    assert nuclear["zero_shot"] == pytest.approx(expected, abs=1e-9)
+    assert all(0 <= value <= 1 for name in ESTIMATORS for value in evidence.estimate(name).values())
+
+    report = evidence.report(training_metrics={"agreement": 0.75})
+    assert report["num_images"] == 50 and report["teacher_student_agreement"] == 0.75
+    assert report["changed_from_zero_shot"] == pytest.approx(float((top_a != top_z).float().mean()))
+    assert report["class_histogram"]["zero_shot"] == dict(zip(CLASSES, torch.bincount(top_z, minlength=3).tolist(),
+                                                              strict=True))
+    estimate = report["estimated_top1"]
+    assert estimate["estimator"] == DEFAULT_ESTIMATOR and estimate["measured_error"]["mae_points"] > 0
+
+
+def test_dispersity_estimators_at_their_extremes() -> None:
+    """Confident, balanced predictions score 1; uniform ones 1/K. A model that is sure of one class for every
+    image is at chance for optimal transport (it must pay to spread), though its mean confidence is 1."""
+    evidence = BucketEvidence(CLASSES)
+    evidence.add(torch.eye(3).repeat(4, 1), torch.full((12, 3), 1 / 3))
+    assert evidence.estimate("nuclear_norm") == pytest.approx({"adapted": 1.0, "zero_shot": 1 / 3})
+    assert evidence.estimate("optimal_transport") == pytest.approx({"adapted": 1.0, "zero_shot": 1 / 3}, abs=1e-3)
+    collapsed = BucketEvidence(CLASSES)
+    sure_of_one = torch.tensor([[1.0, 0.0, 0.0]]).repeat(12, 1)
+    collapsed.add(sure_of_one, sure_of_one)
+    assert collapsed.estimate("average_confidence")["adapted"] == 1.0
+    assert collapsed.estimate("optimal_transport")["adapted"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_optimal_transport_sample_is_a_seeded_reservoir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past OT_SAMPLE images the sample stays that size, holds real rows, and repeats run to run."""
+    monkeypatch.setattr("must_engine.estimate.OT_SAMPLE", 20)
+    torch.manual_seed(1)
+    probabilities = torch.softmax(torch.randn(500, 3), dim=-1)
+
+    def sample() -> torch.Tensor:
+        evidence = BucketEvidence(CLASSES)
+        for start in range(0, 500, 64):
+            evidence.add(probabilities[start : start + 64], probabilities[start : start + 64])
+        return evidence.columns().sample_adapted
+
+    first = sample()
+    assert first.shape == (20, 3) and torch.equal(first, sample())
+    assert all(any(torch.equal(row, original) for original in probabilities) for row in first)
+    assert not torch.equal(first, probabilities[:20])  # later images replaced some of the first ones
+
+
+def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out, table = tmp_path / "model", tmp_path / "labels.csv"
+    assert main(["adapt", "--images", str(dtd_subset), "--classes", ",".join(CLASSES), "--base-model",
+                 tiny_base_model, "--epochs", "1", "--set", "batch_size=8", "--set", "num_workers=0",
+                 "--device", "cpu", "--quiet", "--out", str(out), "--predictions", str(table)]) == 0
+    printed = capsys.readouterr().out
+    assert "24 predictions written" in printed and "estimated top-1 (" in printed
+
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle))
+    names = sorted(p.relative_to(dtd_subset).as_posix() for p in dtd_subset.rglob("*.jpg"))
+    assert [row["image"] for row in rows] == names  # every image, by name, labels never read
+    assert set(rows[0]) == {"image", "label", "score", "zero_shot_label", "zero_shot_score", "changed"}
+
+    # The columns are what each model says about that image on its own (decoded as `must eval` does).
+    adapted = Predictor.load(out, device="cpu")
+    zero_shot = Predictor.zero_shot(tiny_base_model, CLASSES, device="cpu")
+    image = open_image(dtd_subset / rows[5]["image"], draft_size=2 * adapted.size)
+    assert adapted.classify([image], top_k=1)[0][0][0] == rows[5]["label"]
+    (label, score), = zero_shot.classify([image], top_k=1)[0]
+    assert (rows[5]["zero_shot_label"], float(rows[5]["zero_shot_score"])) == (label, pytest.approx(score, abs=1e-5))
+    assert rows[5]["changed"] == str(rows[5]["label"] != label).lower()
+
+    report = read_metadata(out)["report"]
+    assert report["num_images"] == 24
+    assert sum(report["class_histogram"]["adapted"].values()) == 24
+    changed = sum(row["changed"] == "true" for row in rows) / 24
+    assert report["changed_from_zero_shot"] == pytest.approx(changed)
+
+    # The audit of the same folder is `must eval` for each model.
+    result = audit(out, dtd_subset, device="cpu")
+    assert result["adapted"] == evaluate(adapted, dtd_subset).to_dict()
+    assert result["zero_shot"] == evaluate(zero_shot, dtd_subset).to_dict()
+    assert sum(map(sum, result["adapted"]["confusion"])) == result["n"] == 24
+    assert unknown_folders(["Banded", "blotchy ", "zigzag"], CLASSES) == ["zigzag"]
+
+
+def test_rows_file_jsonl_and_bad_suffix(tmp_path: Path) -> None:
+    from must_engine.bucket import BucketRow
+
+    row = BucketRow("a/1.png", [("x", 0.7), ("y", 0.3)], [("y", 0.6), ("x", 0.4)])
+    with RowsFile(tmp_path / "p.jsonl") as sink:
+        sink.write([row, row])
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == row.to_json() and json.loads(lines[0])["changed"] is True
+    with pytest.raises(ValueError, match=r"\.csv or \.jsonl"):
+        RowsFile(tmp_path / "p.txt")
