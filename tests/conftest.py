@@ -88,6 +88,22 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
+def proxy_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The shipped proxy's architecture registered with open_clip under a fresh name, so it can be named as
+    `ARCH:/path` or `ARCH:s3://...` weights (it is not one of open_clip's built-in architectures)."""
+    import open_clip
+
+    from must_engine.base_models import SHIPPED_DIR
+
+    name = f"must-proxy-{secrets.token_hex(3)}"
+    config = json.loads((SHIPPED_DIR / "proxy-cifar10-tiny" / "open_clip_config.json").read_text())["model_cfg"]
+    path = tmp_path_factory.mktemp("arch") / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return name
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     from moto.server import ThreadedMotoServer
 

@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +27,6 @@ from app.db.jobs import (
     add_status_event,
     finish_leased,
     release_leased,
-    renew_lease,
     succeed_leased,
     update_leased,
 )
@@ -59,6 +57,7 @@ from must_engine import (
 )
 from must_engine.bucket import NamedPath
 from worker.evidence import BucketEvidence, bucket_names, label_job_bucket
+from worker.lease import LeaseKeeper, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +85,6 @@ def failure_summary(exc: BaseException) -> str:
     return f"training failed with {name}; the worker log has the details"
 
 
-class LeaseLost(Exception):
-    """Another worker owns the job now; this one must stop without touching the row."""
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """What the worker needs from the row, read once when the lease is taken."""
@@ -109,63 +104,6 @@ class JobSpec:
     @property
     def predictions_prefix(self) -> str:
         return predictions_prefix(self.team_id, self.adaptation_id)
-
-
-class LeaseKeeper:
-    """A thread that renews the lease every poll and notices cancel requests and lost leases."""
-
-    def __init__(
-        self, session_factory: sessionmaker[Session], adaptation_id: str, owner: str, settings: Settings
-    ) -> None:
-        self.session_factory = session_factory
-        self.adaptation_id = adaptation_id
-        self.owner = owner
-        self.lease_seconds = settings.lease_seconds
-        self.poll_seconds = min(settings.cancel_poll_seconds, settings.lease_seconds / 3)
-        self.cancel_requested = threading.Event()
-        self.lease_lost = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{adaptation_id}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stopped.set()
-        self._thread.join()
-
-    def should_stop(self) -> bool:
-        return self.cancel_requested.is_set() or self.lease_lost.is_set()
-
-    def check(self) -> None:
-        """Between stages: raise if the job should not go on."""
-        if self.lease_lost.is_set():
-            raise LeaseLost(self.adaptation_id)
-        if self.cancel_requested.is_set():
-            raise AdaptCancelled("cancelled")
-
-    def _run(self) -> None:
-        last_renewed = time.monotonic()
-        while not self._stopped.wait(self.poll_seconds):
-            try:
-                with transaction(self.session_factory) as session:
-                    state = renew_lease(session, self.adaptation_id, self.owner, self.lease_seconds)
-            except Exception as exc:
-                # A database restart must not kill a long run; only a lease that ran out while we
-                # could not renew it means someone else may have the job now.
-                if not is_database_unavailable(exc):
-                    log.exception("renewing the lease of %s failed", self.adaptation_id)
-                if time.monotonic() - last_renewed > self.lease_seconds:
-                    self.lease_lost.set()
-                    return
-                continue
-            last_renewed = time.monotonic()
-            if not state.held:
-                self.lease_lost.set()
-                return
-            if state.cancel_requested:
-                self.cancel_requested.set()
 
 
 class AdaptationRunner:

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -317,16 +316,6 @@ def test_api_probes_are_refused_alike_open_nothing_and_cost_no_memory(
         rows = session.scalar(select(func.count()).select_from(Adaptation).where(Adaptation.team_id == team.id))
     assert rows == 0 and store.list(f"teams/{team.id}/") == [], "a refused request wrote something"
 
-
-@pytest.fixture(scope="module")
-def proxy_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The shipped proxy's architecture registered with open_clip, so it can be named as ARCH:/path."""
-    name = f"must-proxy-{secrets.token_hex(3)}"
-    config = json.loads((PROXY / "open_clip_config.json").read_text())["model_cfg"]
-    path = tmp_path_factory.mktemp("arch") / f"{name}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    return name
 
 
 def test_allowed_local_weights_serve_and_load_errors_hide_library_text(

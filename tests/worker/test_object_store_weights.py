@@ -8,7 +8,6 @@ import json
 import secrets
 from pathlib import Path
 
-import open_clip
 import pytest
 
 from app.settings import DEFAULT_BASE_MODEL_ARCHITECTURES
@@ -17,16 +16,6 @@ from must_engine.base_models import SHIPPED_DIR
 
 PROXY = SHIPPED_DIR / "proxy-cifar10-tiny"
 
-
-@pytest.fixture(scope="module")
-def proxy_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The shipped proxy's architecture registered with open_clip under a fresh name (it is not built in)."""
-    name = f"must-proxy-{secrets.token_hex(3)}"
-    config = json.loads((PROXY / "open_clip_config.json").read_text())["model_cfg"]
-    path = tmp_path_factory.mktemp("arch") / f"{name}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    return name
 
 
 @pytest.fixture(scope="module")
