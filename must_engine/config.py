@@ -51,6 +51,10 @@ class MustConfig:
     # from the config alone (see fairness_uses_moving_average), so a resumed job never switches.
     fair_mode: Literal["auto", "batch", "moving_average"] = "auto"
     fair_momentum: float = 0.5
+    # Distribution alignment of the teacher (ReMixMatch; DebiasPL for CLIP): divide its probabilities by
+    # their running class marginal before pseudo-labelling, so a class the zero-shot head favours is not
+    # amplified by self-training. 0 = off (the paper); else the running mean's momentum per micro-batch.
+    align_pseudo_labels: float = 0.0
     # --- masked image modeling and alignment -----------------------------------------------------
     mim: bool = True  # False = self-training only (no masking, decoder or alignment)
     mask_patch: int = 32  # mask cell in pixels; a multiple of the model's patch size
@@ -120,6 +124,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "ema_warmup": (0, 10_000_000),
     "w_fair": (0.0, 100.0),
     "fair_momentum": (0.0, 0.999),
+    "align_pseudo_labels": (0.0, 0.9999),
     "mask_patch": (1, 1024),
     "mask_ratio": (0.0, 0.95),
     "w_mim": (0.0, 100.0),

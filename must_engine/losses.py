@@ -86,3 +86,14 @@ def _nearest_visible_mean(embeddings: torch.Tensor, masked: torch.Tensor, k: int
     dim = embeddings.shape[-1]
     gathered = torch.gather(embeddings, 1, nearest.unsqueeze(-1).expand(-1, -1, dim))
     return F.normalize(gathered.reshape(batch, tokens, k, dim).mean(dim=2), dim=-1)
+
+
+def align_distribution(
+    probs: torch.Tensor, running_marginal: torch.Tensor | None, momentum: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher probabilities divided by their running class marginal, renormalised (ReMixMatch's alignment
+    to a uniform target). Returns the aligned probabilities and the updated, detached marginal."""
+    batch = probs.mean(dim=0).detach()
+    marginal = batch if running_marginal is None else momentum * running_marginal + (1 - momentum) * batch
+    aligned = probs / marginal.clamp(min=1e-12)
+    return aligned / aligned.sum(dim=-1, keepdim=True), marginal

@@ -41,7 +41,7 @@ from must_engine.config import (
 )
 from must_engine.data import ResumableSampler, TwoViewDataset, collect_images
 from must_engine.ema import EmaTeacher, ema_decay
-from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss
+from must_engine.losses import align_distribution, align_loss, fairness_loss, mim_loss, self_training_loss
 from must_engine.masking import MaskGenerator
 from must_engine.models import MustModel
 from must_engine.optim import build_optimizer, build_scheduler
@@ -244,6 +244,7 @@ class MustStep:
         self.autocast_dtype = autocast_dtype
         self.fair_moving = fairness_uses_moving_average(config, student.classifier.num_classes)
         self.fair_running: torch.Tensor | None = None
+        self.teacher_marginal: torch.Tensor | None = None
         self.forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
         self.teacher_forward = torch.compile(self.teacher.module) if config.compile else self.teacher.module
         self.meter = _Meter()
@@ -261,6 +262,10 @@ class MustStep:
         config = self.config
         with torch.no_grad(), self.autocast():
             teacher_probs = F.softmax(self.teacher_forward(weak).float(), dim=-1)
+            if config.align_pseudo_labels > 0:
+                teacher_probs, self.teacher_marginal = align_distribution(
+                    teacher_probs, self.teacher_marginal, config.align_pseudo_labels
+                )
         with self.autocast():
             if config.mim:
                 out = self.forward_masked(strong, mask)
@@ -328,6 +333,7 @@ class MustStep:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": None,  # bf16 autocast needs no loss scaling
             "fair_running": self.fair_running,
+            "teacher_marginal": self.teacher_marginal,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -335,8 +341,10 @@ class MustStep:
         self.teacher.module.load_state_dict(state["teacher"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        running = state["fair_running"]
-        self.fair_running = running.to(next(self.student.parameters()).device) if running is not None else None
+        device = next(self.student.parameters()).device
+        running, marginal = state["fair_running"], state.get("teacher_marginal")
+        self.fair_running = running.to(device) if running is not None else None
+        self.teacher_marginal = marginal.to(device) if marginal is not None else None
 
 
 def _default_micro_batch(batch_size: int, device: torch.device) -> int:

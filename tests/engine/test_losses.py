@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from must_engine.losses import align_loss, fairness_loss, mim_loss, self_training_loss
+from must_engine.losses import align_distribution, align_loss, fairness_loss, mim_loss, self_training_loss
 
 
 def test_self_training_uses_only_confident_pseudo_labels() -> None:
@@ -70,3 +70,16 @@ def test_align_nearest_k_targets_visible_neighbours() -> None:
     mask = torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])  # token 3 masked; its visible neighbours all (1, 0)
     loss = align_loss(cls, patches, mask, target="nearest_k", k=2)
     assert math.isclose(loss.item(), 2.0, rel_tol=1e-6)
+
+
+def test_distribution_alignment_divides_by_the_running_marginal() -> None:
+    probs = torch.tensor([[0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.9, 0.1]])  # the head favours class 0
+    aligned, marginal = align_distribution(probs, None, momentum=0.9)
+    assert torch.allclose(marginal, torch.tensor([0.75, 0.25]))
+    expected = probs / marginal
+    assert torch.allclose(aligned, expected / expected.sum(dim=1, keepdim=True))
+    assert torch.allclose(aligned.sum(dim=1), torch.ones(4))
+    assert aligned[:, 0].mean() < probs[:, 0].mean()  # the favoured class loses its head start
+    assert (aligned.argmax(dim=1) == torch.tensor([0, 1, 1, 0])).all()
+    _, updated = align_distribution(torch.tensor([[0.5, 0.5]]), marginal, momentum=0.9)
+    assert torch.allclose(updated, 0.9 * marginal + 0.1 * torch.tensor([0.5, 0.5]))

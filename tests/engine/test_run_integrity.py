@@ -182,3 +182,22 @@ def test_a_checkpoint_holding_pickled_objects_is_never_unpickled(tmp_path: Path)
     torch.save({"format": "must-checkpoint/1", "payload": Payload()}, tmp_path / CHECKPOINT_FILE)
     with pytest.raises(ValueError, match="pickled objects"):
         load_checkpoint(tmp_path)
+
+
+def test_a_resumed_run_with_aligned_pseudo_labels_ends_where_an_uninterrupted_one_does(
+    tiny_base_model: str, dtd_subset: Path, tmp_path: Path
+) -> None:
+    run = config(epochs=2, align_pseudo_labels=0.9)
+    whole = adapt(dtd_subset, CLASSES, tmp_path / "whole", base_model=tiny_base_model, config=run, device="cpu")
+    work, saved = tmp_path / "work", []
+    with pytest.raises(AdaptCancelled):
+        adapt(dtd_subset, CLASSES, tmp_path / "resumed", base_model=tiny_base_model, config=run, device="cpu",
+              work_dir=work, on_checkpoint=saved.append, should_stop=lambda: len(saved) >= 3)
+    checkpoint = load_checkpoint(work)
+    assert checkpoint is not None and checkpoint["teacher_marginal"] is not None
+    resumed = adapt(dtd_subset, CLASSES, tmp_path / "resumed", base_model=tiny_base_model, config=run,
+                    device="cpu", work_dir=work)
+    assert resumed.resumed_from_step == 3
+    expected, got = (load_file(str(r.artifact_dir / WEIGHTS_FILE)) for r in (whole, resumed))
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
