@@ -187,7 +187,7 @@ def test_a_checkpoint_holding_pickled_objects_is_never_unpickled(tmp_path: Path)
 def test_a_resumed_run_with_aligned_pseudo_labels_ends_where_an_uninterrupted_one_does(
     tiny_base_model: str, dtd_subset: Path, tmp_path: Path
 ) -> None:
-    run = config(epochs=2, align_pseudo_labels=0.9)
+    run = config(epochs=2, align_pseudo_labels=0.9, tau=0.0)  # every pseudo-label counts
     whole = adapt(dtd_subset, CLASSES, tmp_path / "whole", base_model=tiny_base_model, config=run, device="cpu")
     work, saved = tmp_path / "work", []
     with pytest.raises(AdaptCancelled):
