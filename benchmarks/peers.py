@@ -19,17 +19,14 @@ import copy
 import torch
 from torch import nn
 
+from must_engine.balance import sinkhorn_class_bias
 from must_engine.models import ImageClassifier
 
 
-def sinkhorn_balance(probs: torch.Tensor, iterations: int = 100) -> torch.Tensor:
-    """Rows still sum to 1, columns to N/K: the closest (in KL) assignment with a uniform class marginal."""
-    q = probs.double().clamp(min=1e-12)
-    n, k = q.shape
-    for _ in range(iterations):
-        q = q / q.sum(dim=0, keepdim=True) * (n / k)
-        q = q / q.sum(dim=1, keepdim=True)
-    return q.float()
+def sinkhorn_balance(probs: torch.Tensor) -> torch.Tensor:
+    """The balanced assignment (rows sum to 1, columns to N/K) through the offsets the product folds into its
+    head (must_engine.balance), so the peer and `balance_classes` are one computation."""
+    return (probs.clamp(min=1e-12).log() + sinkhorn_class_bias(probs)).softmax(dim=-1)
 
 
 def em_prior(probs: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from benchmarks.peers import em_prior, sinkhorn_balance, tent
 from must_engine import Predictor, adapt, resolve_job_config
 from must_engine.cli import parse_override
-from must_engine.evaluate import labelled_folders
+from must_engine.evaluate import class_key, labelled_folders
 from must_engine.images import open_image
 
 # Picked on the dev shift (gaussian_noise) only, then used unchanged on every other shift (docs/BENCHMARKS.md):
@@ -45,10 +45,11 @@ ABLATION: dict[str, dict[str, Any]] = {
     "st_mim": {"mim": True, "w_align": 0.0},
     "must": {"mim": True},
 }
-PEERS: dict[str, Callable[[Predictor, torch.Tensor, int], torch.Tensor]] = {
-    "balanced": lambda predictor, pixels, seed: sinkhorn_balance(predictor.probabilities(pixels)),
-    "em_prior": lambda predictor, pixels, seed: em_prior(predictor.probabilities(pixels)),
-    "tent": lambda predictor, pixels, seed: tent(predictor.classifier, pixels, seed=seed),
+# Each peer gets the zero-shot predictor, the target's pixels, its zero-shot probabilities and the seed.
+PEERS: dict[str, Callable[[Predictor, torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    "balanced": lambda predictor, pixels, probs, seed: sinkhorn_balance(probs),
+    "em_prior": lambda predictor, pixels, probs, seed: em_prior(probs),
+    "tent": lambda predictor, pixels, probs, seed: tent(predictor.classifier, pixels, seed=seed),
 }
 VARIANTS = ["zero_shot", "auto", "auto_balanced", *ABLATION, *(f"{v}_balanced" for v in ABLATION), *PEERS]
 
@@ -56,8 +57,8 @@ VARIANTS = ["zero_shot", "auto", "auto_balanced", *ABLATION, *(f"{v}_balanced" f
 def labelled_pixels(predictor: Predictor, target: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of the target, preprocessed for this predictor, and its label index (for scoring only)."""
     folders = labelled_folders(target)
-    names = [name.casefold() for name in predictor.class_names]
-    samples = [(path, names.index(name.casefold())) for name, paths in folders.items() for path in paths]
+    index = {class_key(name): i for i, name in enumerate(predictor.class_names)}
+    samples = [(path, index[class_key(name)]) for name, paths in folders.items() for path in paths]
     pixels = torch.cat([
         predictor.preprocess([open_image(path, draft_size=2 * predictor.size) for path, _ in samples[i : i + 256]])
         for i in range(0, len(samples), 256)
@@ -79,15 +80,16 @@ def run_target(
     class_names = list(labelled_folders(target))
     zero_shot = Predictor.zero_shot(base_model, class_names, device=device)
     pixels, labels = labelled_pixels(zero_shot, target)
+    zero_shot_probs = zero_shot.probabilities(pixels)
     adapted: dict[str, torch.Tensor] = {}  # each adaptation runs once, also when its balanced twin is asked
     results: dict[str, dict[str, float]] = {}
     for variant in variants:
         started = time.perf_counter()
         base, balanced = variant.removesuffix("_balanced"), variant.endswith("_balanced")
         if variant == "zero_shot":
-            probs = zero_shot.probabilities(pixels)
+            probs = zero_shot_probs
         elif variant in PEERS:
-            probs = PEERS[variant](zero_shot, pixels, seed)
+            probs = PEERS[variant](zero_shot, pixels, zero_shot_probs, seed)
         else:
             if base not in adapted:
                 preset_of, extra = ("auto", {}) if base == "auto" else (preset, {**overrides, **ABLATION[base]})

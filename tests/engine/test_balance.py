@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.peers import sinkhorn_balance
 from must_engine import Predictor, adapt
 from must_engine.artifact import WEIGHTS_FILE, load_artifact
 from must_engine.balance import sinkhorn_class_bias
@@ -23,11 +22,12 @@ def skewed_probabilities(n: int = 600, k: int = 5, seed: int = 0) -> torch.Tenso
     return logits.softmax(dim=-1)
 
 
-def test_offsets_reproduce_the_balanced_assignment_and_even_out_the_classes() -> None:
+def test_offsets_give_the_balanced_assignment_and_even_out_the_classes() -> None:
     probs = skewed_probabilities()
     bias = sinkhorn_class_bias(probs)
-    adjusted = (probs.log() + bias).argmax(dim=-1)
-    assert torch.equal(adjusted, sinkhorn_balance(probs).argmax(dim=-1))
+    balanced = (probs.log() + bias).softmax(dim=-1)  # diag(u) P diag(exp(bias)): rows sum to 1 by construction
+    assert torch.allclose(balanced.sum(dim=0), torch.full((5,), 600 / 5), atol=1e-3)  # columns to N/K
+    adjusted = balanced.argmax(dim=-1)
     counts = torch.bincount(adjusted, minlength=5)
     raw = torch.bincount(probs.argmax(dim=-1), minlength=5)
     assert raw.max() > 250 and counts.max() - counts.min() <= 30  # 600 images, 5 classes: about 120 each
