@@ -158,7 +158,7 @@ def main() -> None:
     table: dict[str, dict[str, dict[str, float]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for target in targets:
-            todo = [v for v in variants if (target.name, v, seed) not in done]
+            todo = [v for v in variants if (str(target), v, seed) not in done]
             if not todo:
                 continue
 
@@ -166,7 +166,8 @@ def main() -> None:
                 if args.jsonl is not None:
                     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
                     with args.jsonl.open("a") as handle:
-                        handle.write(json.dumps({"target": target.name, "variant": variant, "seed": seed,
+                        handle.write(json.dumps({"target": target.name, "target_dir": str(target),
+                                                 "variant": variant, "seed": seed,
                                                  "base_model": args.base_model, "overrides": overrides, **row}) + "\n")
 
             table[f"{target.name} (seed {seed})"] = run_target(
@@ -184,16 +185,22 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 def _finished_rows(path: Path | None) -> set[tuple[str, str, int]]:
     if path is None or not path.is_file():
         return set()
-    return {(row["target"], row["variant"], int(row["seed"])) for row in _rows(path)}
+    return {(_target_of(row), row["variant"], int(row["seed"])) for row in _rows(path)}
+
+
+def _target_of(row: dict[str, Any]) -> str:
+    """The target's folder: two target sets may hold a shift of the same name (runs/longtail/fog and
+    runs/shifts1k/fog). Rows written before `target_dir` was recorded fall back to the name."""
+    return str(row.get("target_dir", row["target"]))
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
     """Top-1 per target and variant as mean over seeds, with min-max spread and the seed count when > 1."""
     variants = [v for v in VARIANTS if any(row["variant"] == v for row in rows)]
-    targets = sorted({row["target"] for row in rows})
+    targets = sorted({_target_of(row) for row in rows})
     cells: dict[tuple[str, str], list[float]] = {}
     for row in rows:
-        cells.setdefault((row["target"], row["variant"]), []).append(100 * row["top1"])
+        cells.setdefault((_target_of(row), row["variant"]), []).append(100 * row["top1"])
 
     def cell(values: list[float]) -> str:
         if not values:
