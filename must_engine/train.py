@@ -312,13 +312,11 @@ class MustStep:
                 f"grad_norm={float(grad_norm):.4g}; last micro-batch: {values}); the weights were not updated "
                 "and the last checkpoint is intact. Lower base_lr, or check the images."
             )
-        self.meter.grad_norm = self.meter.grad_norm + grad_norm
+        self.meter.add_step(grad_norm, self.config.batch_size)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.teacher.update(self.decay)
-        self.meter.images += self.config.batch_size
-        self.meter.steps += 1
         return total
 
     def report_metrics(self, elapsed: float) -> dict[str, float]:
@@ -382,6 +380,12 @@ class _Meter:
         counts = torch.zeros(teacher_probs.shape[-1], device=pseudo.device).scatter_add_(0, pseudo, confident.float())
         self.histogram = counts if self.histogram is None else self.histogram + counts
         self.count += 1
+
+    def add_step(self, grad_norm: torch.Tensor, images: int) -> None:
+        """One optimizer step over `images` images, with the gradient norm it was taken with (on the device)."""
+        self.grad_norm = self.grad_norm + grad_norm
+        self.steps += 1
+        self.images += images
 
     def summary(self, elapsed: float, **extra: float) -> dict[str, float]:
         metrics = {name: float(total) / max(1, self.count) for name, total in self.sums.items()}
