@@ -74,7 +74,8 @@ def score(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 def run_target(
     target: Path, *, base_model: str, preset: str, overrides: dict[str, Any], variants: list[str], device: str,
-    seed: int = 0, on_row: Callable[[str, dict[str, float]], None] | None = None,
+    seed: int = 0, auto_overrides: dict[str, Any] | None = None,
+    on_row: Callable[[str, dict[str, float]], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Top-1 and mean-per-class accuracy (and seconds) of each variant on one labelled target."""
     class_names = list(labelled_folders(target))
@@ -92,7 +93,8 @@ def run_target(
             probs = PEERS[variant](zero_shot, pixels, zero_shot_probs, seed)
         else:
             if base not in adapted:
-                preset_of, extra = ("auto", {}) if base == "auto" else (preset, {**overrides, **ABLATION[base]})
+                preset_of, extra = (("auto", dict(auto_overrides or {})) if base == "auto"
+                                    else (preset, {**overrides, **ABLATION[base]}))
                 adapted[base] = adapted_probabilities(target, class_names, pixels, base_model=base_model,
                                                       preset=preset_of, overrides={**extra, "seed": seed},
                                                       device=device)
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--preset", default="auto", help="preset of the ablation variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field of the ablation variants on top of CALIBRATED")
+    parser.add_argument("--auto-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field of `auto` (an experiment on the default; rows record it)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (adaptations and tent)")
     parser.add_argument("--device", default="auto")
@@ -147,6 +151,7 @@ def main() -> None:
         parser.error("give --targets (or --summary)")
 
     overrides = {**CALIBRATED, **dict(parse_override(item) for item in args.set)}
+    auto_overrides = dict(parse_override(item) for item in args.auto_set)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -168,11 +173,13 @@ def main() -> None:
                     with args.jsonl.open("a") as handle:
                         handle.write(json.dumps({"target": target.name, "target_dir": str(target),
                                                  "variant": variant, "seed": seed,
-                                                 "base_model": args.base_model, "overrides": overrides, **row}) + "\n")
+                                                 "base_model": args.base_model,
+                                                 "overrides": auto_overrides if variant.startswith("auto")
+                                                 else overrides, **row}) + "\n")
 
             table[f"{target.name} (seed {seed})"] = run_target(
                 target, base_model=args.base_model, preset=args.preset, overrides=overrides, variants=todo,
-                device=args.device, seed=seed, on_row=append,
+                device=args.device, seed=seed, auto_overrides=auto_overrides, on_row=append,
             )
     if table:
         print_table(table, variants)

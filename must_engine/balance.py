@@ -59,12 +59,16 @@ def bucket_probabilities(
 def balance_classes(
     classifier: ImageClassifier, paths: Sequence[Path], preprocess: dict[str, Any], device: torch.device
 ) -> dict[str, float]:
-    """Set `classifier.class_bias` from the bucket; returns label-free figures of what it changed."""
+    """Add the bucket's balancing offsets to `classifier.class_bias`; returns label-free figures of the change.
+
+    Added, not set: the probabilities already include the current offsets, so Sinkhorn finds the remainder.
+    """
     probs = bucket_probabilities(classifier, paths, preprocess, device)
     bias = sinkhorn_class_bias(probs)
     before = probs.argmax(dim=-1)
     after = (probs.clamp(min=1e-12).log() + bias).argmax(dim=-1)
-    classifier.class_bias.copy_(bias.to(classifier.class_bias.device))
+    total = classifier.class_bias + bias.to(classifier.class_bias.device)
+    classifier.class_bias.copy_(total - total.mean())
     counts = torch.bincount(after, minlength=classifier.num_classes).float()
     return {
         "balance_changed": float((before != after).float().mean()),  # share of bucket predictions moved

@@ -28,8 +28,8 @@ class ImageClassifier(nn.Module):
     The head runs in fp32 even under bf16 autocast: at scale 100, bf16 logits of 16-32 are rounded to
     steps of 0.125, enough to move a teacher confidence across tau.
 
-    `class_bias` (K,) is added to the logits: zero while training, set at export when the run balances the
-    classes over its bucket (must_engine/balance.py).
+    `class_bias` (K,) is added to the logits and not trained: zero unless the run balances the classes over
+    its bucket (must_engine/balance.py), before training (`balance_init`) and/or at export (`balance_classes`).
     """
 
     def __init__(self, visual: VisionTransformer, head: torch.Tensor, logit_scale: float = CLIP_LOGIT_SCALE) -> None:

@@ -123,6 +123,11 @@ def adapt(
             classifier = zero_shot_classifier(base, class_names, config.templates)
             model_cfg, preprocess_cfg = base.model_cfg, base.preprocess_cfg
             del base  # the text tower is not needed any more
+        preprocess = preprocess_metadata(preprocess_cfg, config.input_size)
+        init_metrics: dict[str, float] = {}
+        if checkpoint is None and config.balance_init:  # a resumed head already holds its offsets
+            balanced = balance_classes(classifier.to(target), paths, preprocess, target)
+            init_metrics = {f"init_{name}": value for name, value in balanced.items()}
         student = MustModel(classifier, seed=config.seed).to(target)
 
         # ---- schedule ------------------------------------------------------------------------------
@@ -156,7 +161,6 @@ def adapt(
 
         # ---- data ----------------------------------------------------------------------------------
         grid = shape.image_size // shape.patch_size
-        preprocess = preprocess_metadata(preprocess_cfg, config.input_size)
         dataset = TwoViewDataset(
             paths,
             size=config.input_size,
@@ -210,6 +214,7 @@ def adapt(
         if config.balance_classes:
             last_metrics = {**last_metrics, **balance_classes(exported.classifier, paths, preprocess, target)}
 
+    last_metrics = {**init_metrics, **last_metrics}
     artifact = save_artifact(
         Path(out_dir), exported.classifier, class_names=class_names, base_model=spec.spec,
         model_cfg=model_cfg, preprocess=preprocess,

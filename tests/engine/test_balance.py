@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from must_engine import Predictor, adapt
-from must_engine.artifact import WEIGHTS_FILE, load_artifact
-from must_engine.balance import sinkhorn_class_bias
+from must_engine.artifact import WEIGHTS_FILE, load_artifact, preprocess_metadata
+from must_engine.balance import balance_classes, sinkhorn_class_bias
+from must_engine.base_models import load_base_model
 from must_engine.config import ModelGeometry, resolve_config
 from must_engine.images import find_images, open_image
 
@@ -75,3 +76,32 @@ def test_artifacts_written_before_balancing_still_load(tiny_base_model: str, dtd
     save_file(state, str(weights))
     classifier, _ = load_artifact(result.artifact_dir)
     assert torch.equal(classifier.class_bias, torch.zeros(3))
+
+
+def test_balance_init_starts_training_from_the_balanced_zero_shot_head(
+    tiny_base_model: str, dtd_subset: Path, tmp_path: Path
+) -> None:
+    # No learning (lr 0): the exported head is the zero-shot head, so what it carries is the start's offsets.
+    overrides = {"epochs": 1, "batch_size": 8, "num_workers": 0, "mim": False, "base_lr": 0.0, "min_lr": 0.0,
+                 "balance_init": True}
+    config = resolve_config(overrides=overrides, num_images=24, num_classes=3,
+                            geometry=ModelGeometry(image_size=32, patch_size=8))
+    result = adapt(dtd_subset, CLASSES, tmp_path / "model", base_model=tiny_base_model, config=config, device="cpu")
+    assert result.metrics["init_balance_changed"] > 0  # the zero-shot head is skewed on these textures
+
+    zero_shot = Predictor.zero_shot(tiny_base_model, CLASSES, device="cpu")
+    images = [open_image(path, draft_size=2 * zero_shot.size) for path in find_images(dtd_subset)]
+    expected = sinkhorn_class_bias(zero_shot.probabilities(zero_shot.preprocess(images)))
+    exported, _ = load_artifact(result.artifact_dir)
+    assert torch.allclose(exported.class_bias, expected, atol=1e-4), (exported.class_bias, expected)
+
+
+def test_balancing_a_balanced_head_again_keeps_its_offsets(tiny_base_model: str, dtd_subset: Path) -> None:
+    zero_shot = Predictor.zero_shot(tiny_base_model, CLASSES, device="cpu")
+    paths = find_images(dtd_subset)
+    preprocess = preprocess_metadata(load_base_model(tiny_base_model).preprocess_cfg, zero_shot.size)
+    classifier = zero_shot.classifier
+    balance_classes(classifier, paths, preprocess, torch.device("cpu"))
+    first = classifier.class_bias.clone()
+    again = balance_classes(classifier, paths, preprocess, torch.device("cpu"))
+    assert again["balance_changed"] == 0.0 and torch.allclose(classifier.class_bias, first, atol=1e-4)
