@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import create_db_engine, create_session_factory
+from app.gallery import GalleryImages
 from app.limits import RateLimiter
 from app.metrics import ServiceMetrics
 from app.predictors import PredictorCache
@@ -28,6 +29,7 @@ class Services:
     predictors: PredictorCache
     classify_limiter: RateLimiter
     metrics: ServiceMetrics
+    gallery: GalleryImages
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
@@ -53,6 +55,7 @@ class Services:
             ),
             classify_limiter=RateLimiter(settings.classify_requests_per_second, settings.classify_burst),
             metrics=ServiceMetrics(),
+            gallery=GalleryImages(settings.gallery_dir),
         )
 
     def close(self) -> None:
