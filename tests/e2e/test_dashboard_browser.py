@@ -190,7 +190,6 @@ def test_the_whole_flow_in_the_browser(
     _css(browser, form + "textarea[name=config]").send_keys(
         json.dumps({"batch_size": 8, "num_workers": 0, "checkpoint_every": 1, "log_every": 1})
     )
-    _screenshot(browser, "create")
     _css(browser, form + "button[type=submit]").click()
 
     # Watch it: the page of the new adaptation, live until it succeeds.
