@@ -28,6 +28,7 @@ CHROMEDRIVER = os.environ.get("MUST_CHROMEDRIVER", "/usr/bin/chromedriver")
 WAIT_SECONDS = 30
 TRAIN_SECONDS = 300
 CLASSES = ["banded", "blotchy"]
+TINY = {"batch_size": 8, "num_workers": 0, "checkpoint_every": 1, "log_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,12 @@ def _all(browser, selector: str) -> list:
     return browser.find_elements(By.CSS_SELECTOR, selector)
 
 
+def _text(browser, selector: str) -> str:
+    """An element's text read in one script call (the page re-renders live parts under the driver)."""
+    return browser.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''",
+                                  selector).strip()
+
+
 def _visible_text(browser, selector: str) -> str:
     found = _all(browser, selector)
     return found[0].text if found and found[0].is_displayed() else ""
@@ -168,6 +175,34 @@ def test_bad_key_and_bad_upload_show_the_api_message(browser, live_url, stack, m
     _screenshot(browser, "create-error")
 
 
+def test_watch_a_run_live_and_cancel_it(browser, live_url, stack, make_team, dtd_images, tmp_path) -> None:
+    team = make_team(stack.session_factory)
+    images = tmp_path / "bucket.zip"
+    images.write_bytes(dtd_images.zip(dtd_images.paths(16)))
+    adaptation_id = stack.submit(team, images.read_bytes(), config={**TINY, "epochs": 200})["id"]
+    try:
+        _sign_in(browser, live_url, team.key)
+        _wait(browser, lambda: _all(browser, f'#adaptation-rows tr[data-id="{adaptation_id}"]'))
+        browser.get(f"{live_url}/#/adaptations/{adaptation_id}")
+        # Live: the step moves and the charts grow while the page is open (three progress windows at least).
+        _wait(browser, lambda: _text(browser, "#ad-status") == "running", TRAIN_SECONDS)
+        progress_events = ("return [...document.querySelectorAll('#ad-events li')]"
+                           ".filter(li => / progress/.test(li.textContent)).length")
+        _wait(browser, lambda: browser.execute_script(progress_events) >= 3, TRAIN_SECONDS)
+        first = _text(browser, "#ad-step")
+        _wait(browser, lambda: _text(browser, "#ad-step") != first, message="the step does not move")
+        assert _text(browser, "#ad-eta").startswith("about "), _text(browser, "#ad-eta")
+        assert _css(browser, "#ad-cancel").is_displayed() and not _css(browser, "#ad-results").is_displayed()
+        _screenshot(browser, "adaptation-running")
+        _css(browser, "#ad-cancel").click()
+        _wait(browser, lambda: _text(browser, "#ad-status") == "cancelled", TRAIN_SECONDS)
+        assert not _css(browser, "#ad-cancel").is_displayed()
+        final = httpx.get(f"{live_url}/adaptations/{adaptation_id}", headers=team.headers).json()
+        assert final["status"] == "cancelled", final
+    finally:  # a failure above must not leave a long job holding the module's only worker
+        httpx.post(f"{live_url}/adaptations/{adaptation_id}/cancel", headers=team.headers)
+
+
 def test_the_whole_flow_in_the_browser(
     browser, live_url, stack, make_team, dtd_images, tmp_path, downloads: Path
 ) -> None:
@@ -187,16 +222,13 @@ def test_the_whole_flow_in_the_browser(
     assert _css(browser, form + "input[name=base_model]").get_attribute("value") == stack.base_model
     _css(browser, form + "input[name=epochs]").send_keys("3")
     _css(browser, form + "details summary").click()
-    _css(browser, form + "textarea[name=config]").send_keys(
-        json.dumps({"batch_size": 8, "num_workers": 0, "checkpoint_every": 1, "log_every": 1})
-    )
+    _css(browser, form + "textarea[name=config]").send_keys(json.dumps(TINY))
     _css(browser, form + "button[type=submit]").click()
 
     # Watch it: the page of the new adaptation, live until it succeeds.
     _wait(browser, lambda: "#/adaptations/ada_" in browser.current_url)
     adaptation_id = browser.current_url.rsplit("/", 1)[-1]
-    _wait(browser, lambda: _css(browser, "#ad-status").text in ("running", "succeeded", "failed"), TRAIN_SECONDS)
-    _wait(browser, lambda: _css(browser, "#ad-status").text in ("succeeded", "failed", "cancelled"), TRAIN_SECONDS,
+    _wait(browser, lambda: _text(browser, "#ad-status") in ("succeeded", "failed", "cancelled"), TRAIN_SECONDS,
           "the adaptation did not finish")
     adaptation = httpx.get(f"{live_url}/adaptations/{adaptation_id}", headers=team.headers).json()
     assert adaptation["status"] == "succeeded", adaptation
@@ -204,7 +236,7 @@ def test_the_whole_flow_in_the_browser(
     model_id = adaptation["model_id"]
     _wait(browser, lambda: _css(browser, "#ad-results").is_displayed())
     total = adaptation["progress"]["total_steps"]
-    assert _css(browser, "#ad-step").text.startswith(f"step {total} of {total}")
+    assert _text(browser, "#ad-step").startswith(f"step {total} of {total}")
     assert _all(browser, "#chart-loss svg path"), "the loss chart has a line"
     assert _all(browser, "#chart-agreement svg path, #chart-agreement svg circle")
     assert not _css(browser, "#ad-cancel").is_displayed(), "a finished adaptation cannot be cancelled"
@@ -214,7 +246,6 @@ def test_the_whole_flow_in_the_browser(
     assert windows, "the worker records the pseudo-label histogram"
     shares = [bar.find_elements("css selector", "span")[-1].text for bar in _all(browser, "#chart-pseudo .bar-row")]
     assert shares == [f"{100 * share:.1f}%" for share in windows[-1]["data"]["pseudo_labels"]]
-    _screenshot(browser, "adaptation")
 
     # Results: the report and the gallery, grouped by the adapted model's top-1.
     _css(browser, "#ad-results").click()

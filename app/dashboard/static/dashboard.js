@@ -350,18 +350,26 @@ function renderSignals(events, classNames) {
     e.type === "progress" && e.data ? ` step ${e.data.step}/${e.data.total_steps}` : "")));
 }
 
-function renderAdaptation(a) {
+// Time left at the pace of the training steps seen so far (the first progress event starts the clock,
+// so loading the model and the images does not count as training).
+function eta(a, events) {
+  const p = a.progress;
+  const first = events.find((e) => e.type === "progress" && e.data && e.data.step > 0);
+  if (!first || p.step <= first.data.step || p.step >= p.total_steps) return "";
+  const seconds = (Date.now() - new Date(first.created_at).getTime()) / 1000;
+  const perStep = seconds / (p.step - first.data.step);
+  return `about ${duration(perStep * (p.total_steps - p.step))} left`;
+}
+
+function renderAdaptation(a, events = []) {
   $("#ad-id").textContent = a.id;
-  $("#ad-status").replaceWith(Object.assign(statusBadge(a.status), { id: "ad-status" }));
+  const badge = $("#ad-status");
+  badge.className = `status ${a.status}`;
+  badge.textContent = a.status;
   const p = a.progress;
   $("#ad-progress").value = a.status === "succeeded" ? 1 : p.fraction || 0;
   $("#ad-step").textContent = p.total_steps ? `step ${p.step} of ${p.total_steps} (epoch ${p.epoch} of ${p.epochs})` : a.status;
-  let eta = "";
-  if (a.status === "running" && a.started_at && p.fraction > 0 && p.fraction < 1) {
-    const elapsed = (Date.now() - new Date(a.started_at).getTime()) / 1000;
-    eta = `about ${duration((elapsed * (1 - p.fraction)) / p.fraction)} left`;
-  }
-  $("#ad-eta").textContent = eta;
+  $("#ad-eta").textContent = a.status === "running" ? eta(a, events) : "";
   $("#ad-summary").textContent = `${a.class_names.join(", ")} - ${a.num_images ?? "?"} images - ${a.base_model} - preset ${a.config.preset ?? "auto"}, ${a.config.epochs ?? "?"} epochs`;
   $("#ad-error").textContent = a.error ? `${a.error.message} (${a.error.code})` : "";
   $("#ad-cancel").hidden = FINAL.includes(a.status) || a.cancel_requested;
@@ -382,7 +390,7 @@ async function showAdaptation(id) {
       if (page.data.length) last = page.data[page.data.length - 1].id;
       if (!page.has_more) break;
     }
-    renderAdaptation(a);
+    renderAdaptation(a, events);
     renderSignals(events, a.class_names);
     return a;
   };
@@ -424,6 +432,7 @@ function renderReport(model) {
 
 // Thumbnails need the key, so they are fetched and shown as blob: URLs, a few at a time.
 const thumbQueue = [];
+const thumbUrls = [];
 let thumbsInFlight = 0;
 function loadThumb(img, url) {
   thumbQueue.push([img, url]);
@@ -435,7 +444,7 @@ function pumpThumbs() {
     thumbsInFlight += 1;
     api(url, { raw: true })
       .then((response) => response.blob())
-      .then((blob) => { img.src = URL.createObjectURL(blob); })
+      .then((blob) => { img.src = URL.createObjectURL(blob); thumbUrls.push(img.src); })
       .catch((error) => { img.alt = error.message; img.title = error.message; })
       .finally(() => { thumbsInFlight -= 1; pumpThumbs(); });
   }
@@ -467,6 +476,7 @@ function renderGallery(model) {
   const gallery = $("#gallery");
   gallery.replaceChildren();
   thumbQueue.length = 0;
+  thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
   const counts = (model.report && model.report.class_histogram.adapted) || {};
   model.class_names.forEach((name) => {
     const box = el("section", { class: "group", "data-class": name },
