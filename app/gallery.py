@@ -52,12 +52,13 @@ class GalleryImages:
             raise ImageNotFound(name) from exc
         if not relative:
             raise ImageNotFound(name)
+        if not relative.lower().endswith(".zip"):  # a loose image: listed by its own key, not the whole prefix
+            for info in store.list(prefix + relative):
+                if info.key == prefix + relative:
+                    if info.size > _MAX_SOURCE_BYTES:
+                        raise ImageNotFound(name)
+                    return b"".join(store.stream(info.key))
         objects = {info.key[len(prefix) :]: info for info in store.list(prefix)}
-        loose = objects.get(relative)
-        if loose is not None and not relative.lower().endswith(".zip"):
-            if loose.size > _MAX_SOURCE_BYTES:
-                raise ImageNotFound(name)
-            return b"".join(store.stream(loose.key))
         zips = sorted(key for key in objects if key.lower().endswith(".zip"))
         for key in zips:
             if relative.startswith(key + "/"):

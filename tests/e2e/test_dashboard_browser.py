@@ -368,3 +368,17 @@ def test_thumbnail_route_refuses_unknown_names_and_sizes(stack, make_team, dtd_i
     other = make_team(stack.session_factory)
     assert stack.client.get(url, headers=other.headers, params={"name": name}).status_code == 404
     stack.client.post(f"/adaptations/{created['id']}/cancel", headers=team.headers)
+
+    # Loose image files: each is an object of its own, named by its key under the upload prefix.
+    files = [("images", (path.name, path.read_bytes(), "image/jpeg")) for path in dtd_images.paths(8)]
+    loose = stack.client.post("/adaptations", headers=team.headers, files=files,
+                              data={"class_names": json.dumps(CLASSES), "config": json.dumps(TINY)})
+    assert loose.status_code == 202, loose.text
+    prefix = f"teams/{team.id}/adaptations/{loose.json()['id']}/upload/"
+    keys = [info.key[len(prefix):] for info in stack.store.list(prefix)]
+    assert len(keys) == 8
+    thumb = stack.client.get(f"/adaptations/{loose.json()['id']}/images", headers=team.headers,
+                             params={"name": keys[0], "size": 256})
+    assert thumb.status_code == 200, thumb.text
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 256
+    stack.client.post(f"/adaptations/{loose.json()['id']}/cancel", headers=team.headers)

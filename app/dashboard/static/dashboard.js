@@ -637,6 +637,10 @@ async function classify(file) {
       api("/classify", { method: "POST", body: zeroShot }),
     ]);
     predictionBars($("#try-adapted"), mine.results[0].predictions);
+    if (mine.results[0].unknown) {  // images of no known class (SPEC), where the service reports them
+      $("#try-adapted").prepend(el("p", {}, el("span", { class: "badge" }, "unknown"), " like none of the classes",
+        Number.isFinite(mine.results[0].ood_score) ? ` (ood score ${mine.results[0].ood_score.toFixed(2)})` : ""));
+    }
     predictionBars($("#try-zero"), base.results[0].predictions);
   } catch (error) {
     $("#try-adapted").replaceChildren();
