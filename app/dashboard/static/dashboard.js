@@ -201,9 +201,21 @@ function barChart(container, rows, names, format = (v) => String(v)) {
 
 // ---- views and routing --------------------------------------------------------------------------
 
+// Polling belongs to the view that started it: a view still loading when the user moves on (its `view`
+// number is no longer the current one) starts none, and moving on stops the others.
 const timers = new Set();
-function every(ms, fn) { const id = setInterval(fn, ms); timers.add(id); return id; }
+let currentView = 0;
+function every(view, ms, fn) {
+  if (view !== currentView) return null;
+  const id = setInterval(fn, ms);
+  timers.add(id);
+  return id;
+}
 function stopTimers() { timers.forEach(clearInterval); timers.clear(); }
+
+function go(hash) {
+  if (location.hash === hash) route(); else location.hash = hash;  // hashchange routes
+}
 
 function show(view) {
   $$(".view").forEach((node) => { node.hidden = node.id !== `view-${view}`; });
@@ -213,22 +225,23 @@ function show(view) {
 function signOut(message) {
   sessionStorage.removeItem(KEY_STORAGE);
   $("#nav").hidden = true;
-  location.hash = "#/signin";
-  route();
+  go("#/signin");
   if (message) $('[data-error-for="key"]').textContent = message;
 }
 
 function route() {
   stopTimers();
+  currentView += 1;
   const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
   if (!apiKey()) { show("signin"); $("#api-key").focus(); return; }
   $("#nav").hidden = false;
   const [page, id, sub] = parts;
-  if (page === "adaptations" && id && sub === "results") return showResults(id);
-  if (page === "adaptations" && id) return showAdaptation(id);
+  const view = currentView;
+  if (page === "adaptations" && id && sub === "results") return showResults(view, id);
+  if (page === "adaptations" && id) return showAdaptation(view, id);
   if (page === "models") return showModels();
   if (page === "try") return showTry(id);
-  return showAdaptations();
+  return showAdaptations(view);
 }
 
 // ---- sign in ------------------------------------------------------------------------------------
@@ -246,8 +259,7 @@ async function signIn(event) {
   }
   sessionStorage.setItem(KEY_STORAGE, key);
   $("#api-key").value = "";
-  location.hash = "#/adaptations";
-  route();
+  go("#/adaptations");
 }
 
 // ---- adaptations --------------------------------------------------------------------------------
@@ -275,10 +287,10 @@ async function loadAdaptations(after) {
   return page;
 }
 
-async function showAdaptations() {
+async function showAdaptations(view) {
   show("adaptations");
   await loadAdaptations();
-  every(POLL_MS * 2, async () => {
+  every(view, POLL_MS * 2, async () => {
     const active = $$("#adaptation-rows .status").some((s) => !FINAL.includes(s.textContent));
     if (active) await loadAdaptations();
   });
@@ -378,7 +390,7 @@ function renderAdaptation(a, events = []) {
   results.href = `#/adaptations/${a.id}/results`;
 }
 
-async function showAdaptation(id) {
+async function showAdaptation(view, id) {
   show("adaptation");
   const events = [];
   let last = null;
@@ -390,8 +402,10 @@ async function showAdaptation(id) {
       if (page.data.length) last = page.data[page.data.length - 1].id;
       if (!page.has_more) break;
     }
-    renderAdaptation(a, events);
-    renderSignals(events, a.class_names);
+    if (view === currentView) {  // the user may have moved on while this was loading
+      renderAdaptation(a, events);
+      renderSignals(events, a.class_names);
+    }
     return a;
   };
   $("#ad-cancel").onclick = async () => {
@@ -399,7 +413,7 @@ async function showAdaptation(id) {
   };
   const first = await refresh();
   if (!FINAL.includes(first.status)) {
-    const timer = every(POLL_MS, async () => {
+    const timer = every(view, POLL_MS, async () => {
       const a = await refresh();
       if (FINAL.includes(a.status)) { clearInterval(timer); timers.delete(timer); }
     });
@@ -521,7 +535,7 @@ async function loadAudits(modelId) {
   return page.data;
 }
 
-async function showResults(adaptationId) {
+async function showResults(view, adaptationId) {
   show("results");
   $("#res-back").href = `#/adaptations/${adaptationId}`;
   const adaptation = await api(`/adaptations/${encodeURIComponent(adaptationId)}`);
@@ -536,7 +550,7 @@ async function showResults(adaptationId) {
     return audits.some((e) => !FINAL.includes(e.status));
   };
   let pending = await watch();
-  every(POLL_MS, async () => { if (pending) pending = await watch(); });
+  every(view, POLL_MS, async () => { if (pending) pending = await watch(); });
   $("#audit-form").onsubmit = async (event) => {
     event.preventDefault();
     const form = $("#audit-form");
