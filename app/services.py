@@ -25,11 +25,11 @@ class Services:
     engine: Engine
     session_factory: sessionmaker[Session]
     store: ObjectStore
+    gallery: GalleryImages
     celery: Celery
     predictors: PredictorCache
     classify_limiter: RateLimiter
     metrics: ServiceMetrics
-    gallery: GalleryImages
 
     @classmethod
     def create(cls, settings: Settings) -> Services:
@@ -40,6 +40,7 @@ class Services:
             engine=engine,
             session_factory=create_session_factory(engine),
             store=store,
+            gallery=GalleryImages(settings.gallery_dir),
             celery=create_celery_app(settings),
             predictors=PredictorCache(
                 store,
@@ -55,7 +56,6 @@ class Services:
             ),
             classify_limiter=RateLimiter(settings.classify_requests_per_second, settings.classify_burst),
             metrics=ServiceMetrics(),
-            gallery=GalleryImages(settings.gallery_dir),
         )
 
     def close(self) -> None:
