@@ -270,6 +270,13 @@ def test_the_whole_flow_in_the_browser(
     assert _css(browser, "#rep-changed").text == f"{100 * model['report']['changed_from_zero_shot']:.1f}%"
     assert _css(browser, "#rep-est-adapted").text == f"{100 * model['report']['estimated_top1']['adapted']:.1f}%"
     _screenshot(browser, "results")
+    _css(browser, "#gal-changed").click()
+    _wait(browser, lambda: {f.get_attribute("data-image") for f in _all(browser, "#gallery .thumb")} == changed,
+          message="the filter shows only the images whose label changed")
+    _css(browser, "#res-csv").click()
+    table = downloads / f"{adaptation_id}-predictions.csv"
+    _wait(browser, lambda: table.is_file() and not list(downloads.glob("*.crdownload")), message="no CSV")
+    assert len(table.read_text().splitlines()) == 1 + len(rows)
 
     # Audit: a labelled zip of the same two classes; adapted vs zero-shot and the confusion matrices.
     labelled = tmp_path / "labelled.zip"

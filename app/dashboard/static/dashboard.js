@@ -439,7 +439,7 @@ function renderReport(model) {
   measured.summary ? el("p", { class: "muted" }, `How far to trust the estimate: ${measured.summary}.`) : null,
   el("p", {}, el("a", { href: `#/try/${model.id}` }, "Try this model"), " \u00b7 ",
     el("a", { id: "res-download", onclick: () => downloadArtifact(model.id) }, "Download artifact"), " \u00b7 ",
-    el("a", { onclick: () => downloadPredictions(model.adaptation_id) }, "All predictions (CSV)")));
+    el("a", { id: "res-csv", onclick: () => downloadPredictions(model.adaptation_id) }, "All predictions (CSV)")));
   const hist = r.class_histogram;
   barChart($("#res-histogram"), model.class_names.map((name) => ({ label: name, values: [hist.adapted[name] || 0, hist.zero_shot[name] || 0] })), ["adapted", "zero-shot"]);
 }
