@@ -15,7 +15,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import check_query_parameters
-from app.api.routes import adaptations, classify, evaluations, health, models, predictions, webhooks
+from app.api.routes import adaptations, classify, evaluations, health, images, models, predictions, webhooks
+from app.dashboard import routes as dashboard
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import RequestMetrics
@@ -76,9 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.state.webhook_box = webhook_box
     install_error_handlers(app)
-    for router in (adaptations.router, predictions.router, models.router, evaluations.router, classify.router,
-                   health.router, webhooks.router):
+    for router in (adaptations.router, predictions.router, images.router, models.router, evaluations.router,
+                   classify.router, health.router, webhooks.router, dashboard.router):
         app.include_router(router)
+    app.mount(dashboard.STATIC_PATH, dashboard.static_files(), name="static")
     app.add_middleware(BodySizeLimit, limit_for_path=lambda path: _body_limit(settings, path))
     app.add_middleware(RequestMetrics, metrics=services.metrics)
     app.add_middleware(RequestId)  # outermost: every response, and every log line of a request, has its id

@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import create_db_engine, create_session_factory
+from app.gallery import GalleryImages
 from app.limits import RateLimiter
 from app.metrics import ServiceMetrics
 from app.predictors import PredictorCache
@@ -24,6 +25,7 @@ class Services:
     engine: Engine
     session_factory: sessionmaker[Session]
     store: ObjectStore
+    gallery: GalleryImages
     celery: Celery
     predictors: PredictorCache
     classify_limiter: RateLimiter
@@ -38,6 +40,7 @@ class Services:
             engine=engine,
             session_factory=create_session_factory(engine),
             store=store,
+            gallery=GalleryImages(settings.gallery_dir),
             celery=create_celery_app(settings),
             predictors=PredictorCache(
                 store,

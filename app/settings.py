@@ -256,6 +256,11 @@ class Settings(BaseSettings):
         return self.data_dir / "cache"
 
     @property
+    def gallery_dir(self) -> Path:
+        """Local copies of uploaded zips the dashboard's gallery reads thumbnails from (app.gallery)."""
+        return self.data_dir / "gallery"
+
+    @property
     def staging_dir(self) -> Path:
         """Uploads in flight, before validation; emptied by each request and at start-up."""
         return self.data_dir / "staging"

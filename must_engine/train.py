@@ -66,6 +66,8 @@ class Progress:
     epochs: int
     metrics: dict[str, float] = field(default_factory=dict)
     message: str | None = None
+    # Per class, its share of the confident pseudo-labels since the last report (the dashboard's histogram).
+    pseudo_labels: list[float] | None = None
 
     @property
     def fraction(self) -> float:
@@ -198,7 +200,8 @@ def adapt(
 
             if step % config.log_every == 0 or step == total_steps:
                 last_metrics = must_step.report_metrics(time.perf_counter() - tick)
-                report(Progress(step, total_steps, epoch_at(step), config.epochs, last_metrics))
+                report(Progress(step, total_steps, epoch_at(step), config.epochs, last_metrics,
+                                pseudo_labels=must_step.pseudo_labels))
                 tick = time.perf_counter()
             if work_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps):
                 path = save_checkpoint(work_dir, {
@@ -253,6 +256,7 @@ class MustStep:
         self.forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
         self.teacher_forward = torch.compile(self.teacher.module) if config.compile else self.teacher.module
         self.meter = _Meter()
+        self.pseudo_labels: list[float] | None = None
         self.decay = config.ema_init
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -327,6 +331,7 @@ class MustStep:
     def report_metrics(self, elapsed: float) -> dict[str, float]:
         """Label-free signals since the last report (one host sync), then start a fresh window."""
         metrics = self.meter.summary(elapsed, lr=self.optimizer.param_groups[-1]["lr"], ema_decay=self.decay)
+        self.pseudo_labels = self.meter.pseudo_label_shares()
         self.meter = _Meter()
         return metrics
 
@@ -391,6 +396,11 @@ class _Meter:
         self.grad_norm = self.grad_norm + grad_norm
         self.steps += 1
         self.images += images
+
+    def pseudo_label_shares(self) -> list[float] | None:
+        if self.histogram is None or float(self.histogram.sum()) <= 0:
+            return None
+        return (self.histogram / self.histogram.sum()).cpu().tolist()
 
     def summary(self, elapsed: float, **extra: float) -> dict[str, float]:
         metrics = {name: float(total) / max(1, self.count) for name, total in self.sums.items()}

@@ -283,7 +283,7 @@ class AdaptationRunner:
                         spec.adaptation_id,
                         EventType.PROGRESS,
                         None,
-                        {**snapshot, "metrics": progress.metrics},
+                        {**snapshot, "metrics": progress.metrics, "pseudo_labels": progress.pseudo_labels},
                     )
                     self._last_event = now
                     self._last_epoch = progress.epoch

@@ -114,6 +114,11 @@ def test_embedded_service_adapts_and_classifies(
         streamed = client.get(f"/adaptations/{adaptation_id}/predictions", params={"format": "jsonl"})
         rows = [json.loads(line) for line in streamed.text.splitlines()]
         assert sorted(row["image"] for row in rows) == sorted(f"{p.parent.name}/{p.name}" for p in dtd_images.paths(16))
+        # The dashboard and its gallery's thumbnails, on the local object store (the zip copied under ./var).
+        assert "<title>MUST dashboard</title>" in client.get("/").text
+        thumb = client.get(f"/adaptations/{adaptation_id}/images", params={"name": rows[0]["image"], "size": 64})
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg", thumb.text
+        assert (workdir / "var" / "gallery").is_dir()
         report = client.get(f"/models/{body['model_id']}").json()["report"]
         assert report["num_images"] == 16 and report["estimated_top1"]["measured_error"]["mae_points"] > 0
         audit = client.post(f"/models/{body['model_id']}/evaluations",

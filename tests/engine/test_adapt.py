@@ -103,6 +103,7 @@ def test_no_confident_pseudo_label_trains_without_nan(tiny_base_model: str, dtd_
     losses = [e.metrics for e in events if e.metrics]
     assert all(m["loss_st"] == 0.0 and m["above_tau"] == 0.0 for m in losses)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in losses)
+    assert all(e.pseudo_labels is None for e in events), "no confident pseudo-label, no histogram"
     assert result.steps == 3
 
 
@@ -111,6 +112,17 @@ def test_self_training_only_and_student_export(tiny_base_model: str, dtd_subset:
     _run(tiny_base_model, dtd_subset, tmp_path / "m", None, events=events, mim=False, export="student", epochs=1)
     assert all("loss_mim" not in e.metrics for e in events)
     assert read_metadata(tmp_path / "m")["exported"] == "student"
+
+
+def test_each_window_reports_its_pseudo_label_histogram(tiny_base_model: str, dtd_subset: Path, tmp_path: Path) -> None:
+    events: list[Progress] = []
+    _run(tiny_base_model, dtd_subset, tmp_path / "m", None, events=events, tau=0.0, epochs=1)
+    windows = [e for e in events if e.metrics and not e.message]
+    assert len(windows) == 3
+    for e in windows:  # with tau 0 every pseudo-label is confident: each class's share of them
+        assert e.metrics["above_tau"] == 1.0 and e.pseudo_labels is not None
+        assert len(e.pseudo_labels) == len(CLASSES) and abs(sum(e.pseudo_labels) - 1) < 1e-5
+        assert all(share * 8 == pytest.approx(round(share * 8)) for share in e.pseudo_labels), "counts of a batch of 8"
 
 
 def test_zero_shot_predictor_matches_the_adapted_model_before_training(tiny_base_model: str, dtd_subset: Path,

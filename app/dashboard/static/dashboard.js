@@ -1,0 +1,702 @@
+// The team dashboard: plain JavaScript over the service's JSON API (same origin).
+// The API key lives in sessionStorage (this tab only) and travels only in the Authorization header.
+"use strict";
+
+const KEY_STORAGE = "must.apiKey";
+const FINAL = ["succeeded", "failed", "cancelled"];
+const POLL_MS = 1500;
+const GALLERY_PAGE = 24;
+const COLORS = ["#2f6fde", "#e08a1e", "#1f9d55", "#a23bd1", "#d14343", "#0e9aa7"];
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const $$ = (selector, root = document) => Array.from(root.querySelectorAll(selector));
+
+// ---- the API -----------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const error = (body && body.error) || {};
+    super(error.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = error.code || "http_error";
+    this.param = error.param || null;
+  }
+}
+
+function apiKey() { return sessionStorage.getItem(KEY_STORAGE); }
+
+async function parseError(response) {
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON */ }
+  return new ApiError(response.status, body);
+}
+
+async function api(path, { method = "GET", body, key = apiKey(), raw = false } = {}) {
+  const headers = { Authorization: `Bearer ${key}` };
+  let payload = body;
+  if (body && !(body instanceof FormData)) {
+    headers["Content-Type"] = "application/json";
+    payload = JSON.stringify(body);
+  }
+  const response = await fetch(path, { method, headers, body: payload, cache: "no-store" });
+  if (!response.ok) {
+    const error = await parseError(response);
+    if (response.status === 401 && key === apiKey()) signOut(error.message);
+    throw error;
+  }
+  if (raw) return response;
+  return response.status === 204 ? null : response.json();
+}
+
+// A multipart POST with upload progress (fetch cannot report it).
+function upload(path, form, onProgress) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", path);
+    request.setRequestHeader("Authorization", `Bearer ${apiKey()}`);
+    request.upload.onprogress = (event) => { if (event.lengthComputable) onProgress(event.loaded / event.total); };
+    request.onload = () => {
+      let body = null;
+      try { body = JSON.parse(request.responseText); } catch (_) { /* not JSON */ }
+      if (request.status >= 200 && request.status < 300) resolve(body);
+      else reject(new ApiError(request.status, body));
+    };
+    request.onerror = () => reject(new ApiError(0, { error: { code: "network_error", message: "the upload did not reach the service" } }));
+    request.send(form);
+  });
+}
+
+// ---- small DOM helpers -------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+const pct = (value) => (value === null || value === undefined || Number.isNaN(value) ? "-" : `${(100 * value).toFixed(1)}%`);
+const when = (iso) => (iso ? new Date(iso).toLocaleString() : "-");
+
+function bytes(n) {
+  const units = ["B", "KB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function duration(seconds) {
+  if (!Number.isFinite(seconds) || seconds < 0) return "";
+  if (seconds < 60) return `${Math.round(seconds)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
+}
+
+function statusBadge(status) { return el("span", { class: `status ${status}` }, status); }
+
+function toast(message) {
+  const box = $("#toast");
+  box.textContent = message;
+  box.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { box.hidden = true; }, 4000);
+}
+
+// Errors go next to the field the API names (`param`), else to the form's general slot.
+function clearErrors(root) {
+  $$("[data-error-for]", root).forEach((node) => { node.textContent = ""; });
+  $$(".field-error", root).forEach((node) => node.classList.remove("field-error"));
+}
+
+function showError(root, error, fallback = "general") {
+  const param = error.param || "";
+  const slot = $(`[data-error-for="${CSS.escape(param)}"]`, root)
+    || (param.startsWith("config.") && $('[data-error-for="config"]', root))
+    || $(`[data-error-for="${fallback}"]`, root);
+  const text = error.code ? `${error.message} (${error.code})` : error.message;
+  if (slot) slot.textContent = text; else toast(text);
+  const field = param && $(`[name="${CSS.escape(param.replace(/^config\./, ""))}"]`, root);
+  if (field) field.classList.add("field-error");
+}
+
+// ---- charts (inline SVG, no library) -----------------------------------------------------------
+
+const SVG = "http://www.w3.org/2000/svg";
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  return node;
+}
+
+function lineChart(container, series, { min, max } = {}) {
+  container.replaceChildren();
+  const points = series.flatMap((s) => s.points);
+  if (!points.length) { container.append(el("p", { class: "muted" }, "waiting for the first steps...")); return; }
+  const width = 280, height = 150, left = 34, bottom = 18, top = 6, right = 8;
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
+  let y0 = min ?? Math.min(...ys), y1 = max ?? Math.max(...ys);
+  if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
+  const sx = (x) => left + ((x - x0) / (x1 - x0)) * (width - left - right);
+  const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img" });
+  chart.append(svg("line", { class: "axis", x1: left, y1: height - bottom, x2: width - right, y2: height - bottom }));
+  chart.append(svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: height - bottom }));
+  for (const [value, y] of [[y1, top + 8], [y0, height - bottom]]) {
+    const label = svg("text", { x: 2, y });
+    label.textContent = Math.abs(value) >= 100 ? value.toFixed(0) : value.toFixed(2);
+    chart.append(label);
+  }
+  const steps = svg("text", { x: width - right - 60, y: height - 4 });
+  steps.textContent = `step ${x0}-${x1}`;
+  chart.append(steps);
+  series.forEach((s) => {
+    if (!s.points.length) return;
+    const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
+    chart.append(svg("path", { d, fill: "none", stroke: s.color, "stroke-width": 2 }));
+    if (s.points.length === 1) {
+      chart.append(svg("circle", { cx: sx(s.points[0][0]), cy: sy(s.points[0][1]), r: 3, fill: s.color }));
+    }
+  });
+  container.append(chart);
+  if (series.length > 1) {
+    container.append(el("div", { class: "legend" }, series.filter((s) => s.points.length).map((s) => {
+      const swatch = el("span", { class: "swatch" });
+      swatch.style.background = s.color;
+      return el("span", {}, swatch, s.name);
+    })));
+  }
+}
+
+// Horizontal bars: rows of {label, values: [number...]} drawn against the largest value.
+function barChart(container, rows, names, format = (v) => String(v)) {
+  container.replaceChildren();
+  const top = Math.max(1e-9, ...rows.flatMap((r) => r.values));
+  const box = el("div", { class: "bars" });
+  if (names.length > 1) {
+    box.append(el("div", { class: "legend" }, names.map((name, i) => {
+      const swatch = el("span", { class: "swatch" });
+      swatch.style.background = i ? "#9aa5b8" : "#2f6fde";
+      return el("span", {}, swatch, name);
+    })));
+  }
+  rows.forEach((row) => {
+    row.values.forEach((value, i) => {
+      const fill = el("div", { class: i ? "fill zero" : "fill" });
+      fill.style.width = `${(100 * value) / top}%`;
+      box.append(el("div", { class: "bar-row" },
+        el("span", { class: "label", title: row.label }, i ? "" : row.label), el("div", { class: "track" }, fill),
+        el("span", {}, format(value))));
+    });
+  });
+  container.append(box);
+}
+
+// ---- views and routing --------------------------------------------------------------------------
+
+// Polling belongs to the view that started it: a view still loading when the user moves on (its `view`
+// number is no longer the current one) starts none, and moving on stops the others.
+const timers = new Set();
+let currentView = 0;
+function every(view, ms, fn) {
+  if (view !== currentView) return null;
+  const id = setInterval(fn, ms);
+  timers.add(id);
+  return id;
+}
+function stopTimers() { timers.forEach(clearInterval); timers.clear(); }
+
+function go(hash) {
+  if (location.hash === hash) route(); else location.hash = hash;  // hashchange routes
+}
+
+function show(view) {
+  $$(".view").forEach((node) => { node.hidden = node.id !== `view-${view}`; });
+  $$("[data-nav]").forEach((link) => link.classList.toggle("active", view.startsWith(link.dataset.nav.replace(/s$/, ""))));
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY_STORAGE);
+  $("#nav").hidden = true;
+  go("#/signin");
+  if (message) $('[data-error-for="key"]').textContent = message;
+}
+
+function route() {
+  stopTimers();
+  currentView += 1;
+  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean).map(decodeURIComponent);
+  if (!apiKey()) { show("signin"); $("#api-key").focus(); return; }
+  $("#nav").hidden = false;
+  const [page, id, sub] = parts;
+  const view = currentView;
+  if (page === "adaptations" && id && sub === "results") return showResults(view, id);
+  if (page === "adaptations" && id) return showAdaptation(view, id);
+  if (page === "models") return showModels();
+  if (page === "try") return showTry(id);
+  return showAdaptations(view);
+}
+
+// ---- sign in ------------------------------------------------------------------------------------
+
+async function signIn(event) {
+  event.preventDefault();
+  const form = $("#signin-form");
+  clearErrors(form);
+  const key = $("#api-key").value.trim();
+  try {
+    await api("/adaptations?limit=1", { key });  // a cheap call that any valid key may make
+  } catch (error) {
+    showError(form, error, "key");
+    return;
+  }
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("#api-key").value = "";
+  go("#/adaptations");
+}
+
+// ---- adaptations --------------------------------------------------------------------------------
+
+function adaptationRow(a) {
+  const bar = el("progress", { max: 1, value: a.status === "succeeded" ? 1 : a.progress.fraction || 0 });
+  return el("tr", { "data-id": a.id },
+    el("td", {}, el("a", { href: `#/adaptations/${a.id}` }, a.id)),
+    el("td", {}, a.class_names.join(", ")),
+    el("td", {}, a.num_images ?? "-"),
+    el("td", {}, statusBadge(a.status)),
+    el("td", {}, bar),
+    el("td", {}, when(a.created_at)));
+}
+
+async function loadAdaptations(after) {
+  const page = await api(`/adaptations?limit=20${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+  const body = $("#adaptation-rows");
+  if (!after) body.replaceChildren();
+  page.data.forEach((a) => body.append(adaptationRow(a)));
+  if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "None yet: start one on the left.")));
+  const more = $("#adaptations-more");
+  more.hidden = !page.has_more;
+  more.onclick = () => loadAdaptations(page.data[page.data.length - 1].id);
+  return page;
+}
+
+async function showAdaptations(view) {
+  show("adaptations");
+  await loadAdaptations();
+  every(view, POLL_MS * 2, async () => {
+    const active = $$("#adaptation-rows .status").some((s) => !FINAL.includes(s.textContent));
+    if (active) await loadAdaptations();
+  });
+}
+
+function classNamesOf(text) {
+  const trimmed = text.trim();
+  if (trimmed.startsWith("[")) return trimmed;  // already a JSON array: the API checks it
+  return JSON.stringify(trimmed.split(/[\n,]/).map((s) => s.trim()).filter(Boolean));
+}
+
+async function createAdaptation(event) {
+  event.preventDefault();
+  const form = $("#create-form");
+  clearErrors(form);
+  const fields = form.elements;
+  let config = {};
+  if (fields.config.value.trim()) {
+    try { config = JSON.parse(fields.config.value); } catch (error) {
+      showError(form, { param: "config", message: `not valid JSON: ${error.message}` });
+      return;
+    }
+  }
+  config = { preset: fields.preset.value, ...config };
+  if (fields.epochs.value) config.epochs = Number(fields.epochs.value);
+  const data = new FormData();
+  data.append("class_names", classNamesOf(fields.class_names.value));
+  for (const file of fields.images.files) data.append("images", file, file.name);
+  if (fields.base_model.value.trim()) data.append("base_model", fields.base_model.value.trim());
+  data.append("config", JSON.stringify(config));
+  const bar = $("#upload-progress");
+  const button = $("button[type=submit]", form);
+  bar.hidden = false; bar.value = 0; button.disabled = true;
+  try {
+    const created = await upload("/adaptations", data, (fraction) => { bar.value = fraction; });
+    form.reset();
+    location.hash = `#/adaptations/${created.id}`;
+  } catch (error) {
+    if (error.status === 401) signOut(error.message); else showError(form, error);
+  } finally {
+    bar.hidden = true; button.disabled = false;
+  }
+}
+
+// ---- one adaptation, live -----------------------------------------------------------------------
+
+const LOSS_PARTS = ["loss", "loss_st", "loss_mim", "loss_align", "loss_fair"];
+
+function renderSignals(events, classNames) {
+  const progress = events.filter((e) => e.type === "progress" && e.data && e.data.metrics);
+  const seriesOf = (name, color) => ({
+    name, color,
+    points: progress.filter((e) => Number.isFinite(e.data.metrics[name])).map((e) => [e.data.step, e.data.metrics[name]]),
+  });
+  lineChart($("#chart-loss"), LOSS_PARTS.map((name, i) => seriesOf(name, COLORS[i])).filter((s) => s.points.length));
+  lineChart($("#chart-tau"), [seriesOf("above_tau", COLORS[0])], { min: 0, max: 1 });
+  lineChart($("#chart-agreement"), [seriesOf("agreement", COLORS[2])], { min: 0, max: 1 });
+  lineChart($("#chart-entropy"), [seriesOf("pseudo_label_entropy", COLORS[3])], { min: 0, max: 1 });
+  const latest = progress.filter((e) => Array.isArray(e.data.pseudo_labels)).pop();
+  if (latest) {
+    $("#pseudo-window").textContent = `share of the confident pseudo-labels, at step ${latest.data.step}`;
+    barChart($("#chart-pseudo"), classNames.map((name, i) => ({ label: name, values: [latest.data.pseudo_labels[i] || 0] })), ["share"], pct);
+  } else {
+    $("#chart-pseudo").replaceChildren(el("p", { class: "muted" }, "no confident pseudo-labels yet"));
+  }
+  $("#ad-events").replaceChildren(...events.map((e) => el("li", {},
+    `${new Date(e.created_at).toLocaleTimeString()} ${e.type}`,
+    e.message ? `: ${e.message}` : "",
+    e.type === "progress" && e.data ? ` step ${e.data.step}/${e.data.total_steps}` : "")));
+}
+
+// Time left at the pace of the training steps seen so far (the first progress event starts the clock,
+// so loading the model and the images does not count as training).
+function eta(a, events) {
+  const p = a.progress;
+  const first = events.find((e) => e.type === "progress" && e.data && e.data.step > 0);
+  if (!first || p.step <= first.data.step || p.step >= p.total_steps) return "";
+  const seconds = (Date.now() - new Date(first.created_at).getTime()) / 1000;
+  const perStep = seconds / (p.step - first.data.step);
+  return `about ${duration(perStep * (p.total_steps - p.step))} left`;
+}
+
+function renderAdaptation(a, events = []) {
+  $("#ad-id").textContent = a.id;
+  const badge = $("#ad-status");
+  badge.className = `status ${a.status}`;
+  badge.textContent = a.status;
+  const p = a.progress;
+  $("#ad-progress").value = a.status === "succeeded" ? 1 : p.fraction || 0;
+  $("#ad-step").textContent = p.total_steps ? `step ${p.step} of ${p.total_steps} (epoch ${p.epoch} of ${p.epochs})` : a.status;
+  $("#ad-eta").textContent = a.status === "running" ? eta(a, events) : "";
+  $("#ad-summary").textContent = `${a.class_names.join(", ")} - ${a.num_images ?? "?"} images - ${a.base_model} - preset ${a.config.preset ?? "auto"}, ${a.config.epochs ?? "?"} epochs`;
+  $("#ad-error").textContent = a.error ? `${a.error.message} (${a.error.code})` : "";
+  $("#ad-cancel").hidden = FINAL.includes(a.status) || a.cancel_requested;
+  const results = $("#ad-results");
+  results.hidden = a.status !== "succeeded";
+  results.href = `#/adaptations/${a.id}/results`;
+}
+
+async function showAdaptation(view, id) {
+  show("adaptation");
+  const events = [];
+  let last = null;
+  const refresh = async () => {
+    const a = await api(`/adaptations/${encodeURIComponent(id)}`);
+    for (;;) {
+      const page = await api(`/adaptations/${encodeURIComponent(id)}/events?limit=1000${last === null ? "" : `&after=${last}`}`);
+      events.push(...page.data);
+      if (page.data.length) last = page.data[page.data.length - 1].id;
+      if (!page.has_more) break;
+    }
+    if (view === currentView) {  // the user may have moved on while this was loading
+      renderAdaptation(a, events);
+      renderSignals(events, a.class_names);
+    }
+    return a;
+  };
+  $("#ad-cancel").onclick = async () => {
+    try { renderAdaptation(await api(`/adaptations/${encodeURIComponent(id)}/cancel`, { method: "POST" })); } catch (error) { toast(error.message); }
+  };
+  const first = await refresh();
+  if (!FINAL.includes(first.status)) {
+    const timer = every(view, POLL_MS, async () => {
+      const a = await refresh();
+      if (FINAL.includes(a.status)) { clearInterval(timer); timers.delete(timer); }
+    });
+  }
+}
+
+// ---- results: report, gallery, audits -------------------------------------------------------------
+
+function renderReport(model) {
+  const r = model.report;
+  const box = $("#res-report");
+  if (!r) { box.replaceChildren(el("p", { class: "muted" }, "This model has no label-free report.")); return; }
+  const est = r.estimated_top1 || {};
+  const measured = est.measured_error || {};
+  box.replaceChildren(el("dl", { class: "kv" },
+    el("dt", {}, "Images in the bucket"), el("dd", {}, r.num_images),
+    el("dt", {}, "Changed from zero-shot"), el("dd", { id: "rep-changed" }, pct(r.changed_from_zero_shot)),
+    el("dt", {}, "Mean top-1 score"), el("dd", {}, `${pct(r.mean_top1_score.adapted)} adapted, ${pct(r.mean_top1_score.zero_shot)} zero-shot`),
+    el("dt", {}, "Teacher-student agreement"), el("dd", {}, pct(r.teacher_student_agreement)),
+    el("dt", {}, "Estimated top-1, adapted"), el("dd", { id: "rep-est-adapted" }, pct(est.adapted)),
+    el("dt", {}, "Estimated top-1, zero-shot"), el("dd", { id: "rep-est-zero" }, pct(est.zero_shot)),
+    el("dt", {}, "Estimator"), el("dd", {}, est.estimator || "-")),
+  measured.summary ? el("p", { class: "muted" }, `How far to trust the estimate: ${measured.summary}.`) : null,
+  el("p", {}, el("a", { href: `#/try/${model.id}` }, "Try this model"), " \u00b7 ",
+    el("a", { id: "res-download", onclick: () => downloadArtifact(model.id) }, "Download artifact"), " \u00b7 ",
+    el("a", { id: "res-csv", onclick: () => downloadPredictions(model.adaptation_id) }, "All predictions (CSV)")));
+  const hist = r.class_histogram;
+  barChart($("#res-histogram"), model.class_names.map((name) => ({ label: name, values: [hist.adapted[name] || 0, hist.zero_shot[name] || 0] })), ["adapted", "zero-shot"]);
+}
+
+// Thumbnails need the key, so they are fetched and shown as blob: URLs, a few at a time.
+const thumbQueue = [];
+const thumbUrls = [];
+let thumbsInFlight = 0;
+function loadThumb(img, url) {
+  thumbQueue.push([img, url]);
+  pumpThumbs();
+}
+function pumpThumbs() {
+  while (thumbsInFlight < 4 && thumbQueue.length) {
+    const [img, url] = thumbQueue.shift();
+    thumbsInFlight += 1;
+    api(url, { raw: true })
+      .then((response) => response.blob())
+      .then((blob) => { img.src = URL.createObjectURL(blob); thumbUrls.push(img.src); })
+      .catch((error) => { img.alt = error.message; img.title = error.message; })
+      .finally(() => { thumbsInFlight -= 1; pumpThumbs(); });
+  }
+}
+
+function thumb(adaptationId, row) {
+  const best = row.predictions[0], zero = row.zero_shot[0];
+  const img = el("img", { alt: row.image, title: row.image });
+  loadThumb(img, `/adaptations/${encodeURIComponent(adaptationId)}/images?name=${encodeURIComponent(row.image)}&size=128`);
+  return el("figure", { class: `thumb${row.changed ? " changed" : ""}${row.unknown ? " unknown" : ""}`, "data-image": row.image },
+    img,
+    el("div", {}, `${best.label} ${pct(best.score)}`, row.unknown ? [" ", el("span", { class: "badge" }, "unknown")] : null),
+    row.changed ? el("div", { class: "was" }, `zero-shot: ${zero.label} ${pct(zero.score)}`) : el("div", { class: "muted" }, "same as zero-shot"),
+    el("div", { class: "name" }, row.image));
+}
+
+async function loadGroup(adaptationId, name, box, after) {
+  const changed = $("#gal-changed").checked ? "&changed=true" : "";
+  const page = await api(`/adaptations/${encodeURIComponent(adaptationId)}/predictions?limit=${GALLERY_PAGE}&label=${encodeURIComponent(name)}${changed}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+  const thumbs = $(".thumbs", box);
+  page.data.forEach((row) => thumbs.append(thumb(adaptationId, row)));
+  if (!thumbs.children.length) thumbs.append(el("p", { class: "muted" }, "no images"));
+  const more = $(".more", box);
+  more.hidden = !page.has_more;
+  more.onclick = () => loadGroup(adaptationId, name, box, page.data[page.data.length - 1].image);
+}
+
+function renderGallery(model) {
+  const gallery = $("#gallery");
+  gallery.replaceChildren();
+  thumbQueue.length = 0;
+  thumbUrls.splice(0).forEach((url) => URL.revokeObjectURL(url));
+  const counts = (model.report && model.report.class_histogram.adapted) || {};
+  model.class_names.forEach((name) => {
+    const box = el("section", { class: "group", "data-class": name },
+      el("h3", {}, name, " ", el("small", {}, counts[name] !== undefined ? `${counts[name]} images` : "")),
+      el("div", { class: "thumbs" }),
+      el("button", { type: "button", class: "link more", hidden: true }, "More..."));
+    gallery.append(box);
+    loadGroup(model.adaptation_id, name, box).catch((error) => box.append(el("p", { class: "error" }, error.message)));
+  });
+}
+
+function confusionTable(scores) {
+  const names = scores.class_names;
+  const top = Math.max(1, ...scores.confusion.flat());
+  return el("table", { class: "confusion" },
+    el("tr", {}, el("th", {}, "true \\ predicted"), names.map((n) => el("th", {}, n))),
+    scores.confusion.map((row, i) => el("tr", {}, el("th", {}, names[i]), row.map((count) => {
+      const cell = el("td", {}, count);
+      cell.style.backgroundColor = `rgba(47, 111, 222, ${(0.75 * count) / top})`;
+      return cell;
+    }))));
+}
+
+function renderAudit(evaluation) {
+  const head = el("p", {}, statusBadge(evaluation.status), ` ${evaluation.id} - ${evaluation.n} labelled images - ${when(evaluation.created_at)}`);
+  if (evaluation.status !== "succeeded") {
+    return el("div", { class: "audit", "data-id": evaluation.id }, head, evaluation.error ? el("p", { class: "error" }, evaluation.error.message) : null);
+  }
+  const a = evaluation.adapted, z = evaluation.zero_shot;
+  return el("div", { class: "audit", "data-id": evaluation.id }, head,
+    el("dl", { class: "kv" },
+      el("dt", {}, "Top-1"), el("dd", { class: "audit-top1" }, `${pct(a.top1)} adapted vs ${pct(z.top1)} zero-shot`),
+      el("dt", {}, "Mean per class"), el("dd", {}, `${pct(a.mean_per_class)} adapted vs ${pct(z.mean_per_class)} zero-shot`)),
+    el("div", { class: "columns" },
+      el("div", {}, el("h3", {}, "Adapted"), confusionTable(a)),
+      el("div", {}, el("h3", {}, "Zero-shot"), confusionTable(z))));
+}
+
+async function loadAudits(modelId) {
+  const page = await api(`/models/${encodeURIComponent(modelId)}/evaluations?limit=5`);
+  $("#audits").replaceChildren(...page.data.map(renderAudit));
+  return page.data;
+}
+
+async function showResults(view, adaptationId) {
+  show("results");
+  $("#res-back").href = `#/adaptations/${adaptationId}`;
+  const adaptation = await api(`/adaptations/${encodeURIComponent(adaptationId)}`);
+  if (!adaptation.model_id) { $("#res-model").textContent = `(the adaptation is ${adaptation.status})`; return; }
+  const model = await api(`/models/${encodeURIComponent(adaptation.model_id)}`);
+  $("#res-model").textContent = model.id;
+  renderReport(model);
+  renderGallery(model);
+  $("#gal-changed").onchange = () => renderGallery(model);
+  const watch = async () => {
+    const audits = await loadAudits(model.id);
+    return audits.some((e) => !FINAL.includes(e.status));
+  };
+  let pending = await watch();
+  every(view, POLL_MS, async () => { if (pending) pending = await watch(); });
+  $("#audit-form").onsubmit = async (event) => {
+    event.preventDefault();
+    const form = $("#audit-form");
+    clearErrors($("#view-results"));
+    const data = new FormData();
+    for (const file of form.elements.images.files) data.append("images", file, file.name);
+    try {
+      await upload(`/models/${encodeURIComponent(model.id)}/evaluations`, data, () => {});
+      form.reset();
+      pending = await watch();
+    } catch (error) { showError($("#view-results"), error, "audit"); }
+  };
+}
+
+// ---- downloads ----------------------------------------------------------------------------------
+
+async function saveResponse(response, fallbackName) {
+  const disposition = response.headers.get("Content-Disposition") || "";
+  const match = disposition.match(/filename="?([^";]+)"?/);
+  const link = el("a", { href: URL.createObjectURL(await response.blob()), download: match ? match[1] : fallbackName });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+}
+
+async function downloadArtifact(modelId) {
+  try {
+    await saveResponse(await api(`/models/${encodeURIComponent(modelId)}/artifact`, { raw: true }), `${modelId}.zip`);
+    toast(`Downloaded ${modelId}.zip`);
+  } catch (error) { toast(error.message); }
+}
+
+async function downloadPredictions(adaptationId) {
+  try {
+    await saveResponse(await api(`/adaptations/${encodeURIComponent(adaptationId)}/predictions?format=csv`, { raw: true }), `${adaptationId}-predictions.csv`);
+  } catch (error) { toast(error.message); }
+}
+
+// ---- models -------------------------------------------------------------------------------------
+
+async function showModels() {
+  show("models");
+  const page = await api("/models?limit=100");
+  const body = $("#model-rows");
+  body.replaceChildren(...page.data.map((m) => {
+    const est = m.report && m.report.estimated_top1;
+    return el("tr", { "data-id": m.id },
+      el("td", {}, el("a", { href: `#/adaptations/${m.adaptation_id}/results` }, m.id)),
+      el("td", {}, m.class_names.join(", ")),
+      el("td", {}, m.base_model),
+      el("td", {}, est ? `${pct(est.adapted)} (zero-shot ${pct(est.zero_shot)})` : "-"),
+      el("td", {}, bytes(m.artifact_bytes)),
+      el("td", {}, when(m.created_at)),
+      el("td", { class: "actions" },
+        el("button", { type: "button", class: "secondary download", onclick: () => downloadArtifact(m.id) }, "Download"), " ",
+        el("a", { class: "button secondary", href: `#/try/${m.id}` }, "Try"), " ",
+        el("button", { type: "button", class: "danger delete", onclick: () => deleteModel(m) }, "Delete")));
+  }));
+  if (!page.data.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No models yet: an adaptation that succeeds makes one.")));
+}
+
+async function deleteModel(model) {
+  if (!window.confirm(`Delete model ${model.id} (${model.class_names.join(", ")})? Its artifact and audits go too.`)) return;
+  try {
+    await api(`/models/${encodeURIComponent(model.id)}`, { method: "DELETE" });
+    toast(`Deleted ${model.id}`);
+  } catch (error) { showError($("#view-models"), error, "models"); }
+  await showModels();
+}
+
+// ---- try it -------------------------------------------------------------------------------------
+
+function predictionBars(container, predictions) {
+  barChart(container, predictions.map((p) => ({ label: p.label, values: [p.score] })), ["score"], pct);
+}
+
+async function classify(file) {
+  const view = $("#view-try");
+  clearErrors(view);
+  const select = $("#try-model");
+  const model = select.selectedOptions[0] && JSON.parse(select.selectedOptions[0].dataset.model);
+  if (!model) { showError(view, { message: "no model to try yet" }, "try"); return; }
+  const preview = $("#try-preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  const adapted = new FormData();
+  adapted.append("images", file, file.name);
+  const zeroShot = new FormData();
+  zeroShot.append("images", file, file.name);
+  zeroShot.append("class_names", JSON.stringify(model.class_names));
+  zeroShot.append("base_model", model.base_model);
+  $("#try-adapted").replaceChildren(el("p", { class: "muted" }, "classifying..."));
+  $("#try-zero").replaceChildren();
+  try {
+    const [mine, base] = await Promise.all([
+      api(`/models/${encodeURIComponent(model.id)}/classify`, { method: "POST", body: adapted }),
+      api("/classify", { method: "POST", body: zeroShot }),
+    ]);
+    predictionBars($("#try-adapted"), mine.results[0].predictions);
+    if (mine.results[0].unknown) {  // images of no known class (SPEC), where the service reports them
+      $("#try-adapted").prepend(el("p", {}, el("span", { class: "badge" }, "unknown"), " like none of the classes",
+        Number.isFinite(mine.results[0].ood_score) ? ` (ood score ${mine.results[0].ood_score.toFixed(2)})` : ""));
+    }
+    predictionBars($("#try-zero"), base.results[0].predictions);
+  } catch (error) {
+    $("#try-adapted").replaceChildren();
+    showError(view, error, "try");
+  }
+}
+
+async function showTry(modelId) {
+  show("try");
+  const page = await api("/models?limit=100");
+  const select = $("#try-model");
+  select.replaceChildren(...page.data.map((m) => el("option", { value: m.id, "data-model": JSON.stringify(m), selected: m.id === modelId },
+    `${m.id} - ${m.class_names.join(", ")}`)));
+}
+
+function setUpDrop() {
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) classify(file);
+  });
+  $("#try-file").addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (file) classify(file);
+    event.target.value = "";
+  });
+}
+
+// ---- start --------------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#signin-form").addEventListener("submit", signIn);
+  $("#create-form").addEventListener("submit", createAdaptation);
+  $("#sign-out").addEventListener("click", () => signOut());
+  setUpDrop();
+  window.addEventListener("hashchange", route);
+  window.addEventListener("unhandledrejection", (event) => {
+    if (event.reason instanceof ApiError && event.reason.status !== 401) toast(event.reason.message);
+  });
+  route();
+});
