@@ -1,8 +1,11 @@
 """Presets, auto values and override validation."""
 
+import math
+
 import pytest
 
 from must_engine.config import (
+    AUTO_SMALL_STEPS,
     PRESETS,
     ConfigError,
     ModelGeometry,
@@ -81,9 +84,27 @@ def test_every_preset_resolves_for_both_families() -> None:
 
 
 def test_auto_shrinks_the_batch_to_the_data_and_says_so() -> None:
-    config = resolve_config(num_images=300, num_classes=10, geometry=B16)
-    assert config.batch_size == 256
+    config = resolve_config(num_images=100, num_classes=10, geometry=B16)
+    assert config.batch_size == 64
     assert any("batch_size" in note for note in config.notes)
+    assert resolve_config("dtd", num_images=300, num_classes=10, geometry=B16).batch_size == 256
+
+
+@pytest.mark.parametrize(("num_images", "batch", "epochs"), [
+    (16, 16, 60),  # the paper's 60 epochs cap a tiny bucket
+    (1000, 128, 16),
+    (2000, 128, 8),
+    (9999, 128, 2),
+    (10_000, 1024, 20),  # from here on the paper's table as it is
+    (300_000, 1024, 30),
+])
+def test_auto_trains_a_small_bucket_for_a_budget_of_steps(num_images: int, batch: int, epochs: int) -> None:
+    config = resolve_config(num_images=num_images, num_classes=10, geometry=B16)
+    assert (config.batch_size, config.epochs) == (batch, epochs)
+    steps = math.ceil(epochs * num_images / batch)
+    assert steps >= 60 and (num_images >= 10_000 or AUTO_SMALL_STEPS <= steps < AUTO_SMALL_STEPS + 40 or epochs == 60)
+    assert config.balance_init and config.balance_classes
+    assert not resolve_config("dtd", num_images=num_images, num_classes=10, geometry=B16).balance_init
 
 
 @pytest.mark.parametrize(
