@@ -25,7 +25,7 @@ from must_engine.artifact import WEIGHTS_FILE
 from must_engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from must_engine.config import ConfigError, ModelGeometry, resolve_config
 from must_engine.data import ResumableSampler
-from must_engine.distributed import LOCAL_BATCH, GlobalBatch, Ranks, ShardedSampler
+from must_engine.distributed import LOCAL_BATCH, Ranks, ShardedSampler
 from must_engine.losses import fairness_loss, self_training_loss
 
 CLASSES = ["banded", "blotchy", "braided"]
