@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, parse_base_model
 
@@ -31,12 +36,12 @@ class RankFailed(RuntimeError):
 
 def torchrun_main(nproc: int, argv: Sequence[str]) -> int:
     """Run `python -m must_engine.cli ARGV` as `nproc` ranks of one standalone torchrun; its exit status."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "must_engine.cli",
-                  *argv])
+        with tempfile.TemporaryDirectory(prefix="must-ranks-") as logs:  # error files; the ranks print theirs
+            torchrun(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", f"--log-dir={logs}",
+                      "--module", "must_engine.cli", *argv])
     except ChildFailedError as exc:
         if any(process.exitcode < 0 for process in exc.failures.values()):
             return 1  # killed by a signal: every rank was stopped; a rerun resumes from the last checkpoint
@@ -71,9 +76,6 @@ def adapt_on_ranks(
     The callbacks run in the calling thread (rank 0's calls, relayed in order); an exception one raises
     stops the ranks and is raised here once they are gone.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     spec = parse_base_model(options.get("base_model", DEFAULT_BASE_MODEL), options.get("pretrained"))
     files = {}
     if fetch_weights is not None and spec.pretrained and spec.pretrained.startswith("s3://"):
@@ -81,58 +83,65 @@ def adapt_on_ranks(
     context = multiprocessing.get_context("spawn")
     events: Any = context.Queue()
     stop = context.Event()
-    launch = elastic_launch(
-        LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"must-{uuid.uuid4().hex[:12]}",
-                     rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn"),
-        _rank_main,
-    )
     outcome: dict[str, Any] = {}
 
-    def run() -> None:
-        try:
-            outcome["results"] = launch(list(images), list(class_names), Path(out_dir), options,
-                                        _FetchedWeights(files), events, stop)
-        except BaseException as exc:  # re-raised in the calling thread
-            outcome["failure"] = exc
+    with tempfile.TemporaryDirectory(prefix="must-ranks-") as logs:  # the agent's error files, not kept
+        launch = elastic_launch(LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"must-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+        ), _rank_main)
 
-    launcher = threading.Thread(target=run, name="must-ranks", daemon=True)
-    launcher.start()
-    rank_errors: dict[int, BaseException] = {}
-    callback_error: BaseException | None = None
-    while launcher.is_alive() or not _drained(events):
-        try:
-            kind, payload = events.get(timeout=0.2)
-        except queue.Empty:
-            kind, payload = "", None
-        try:
-            if kind == "progress" and on_progress is not None:
-                on_progress(payload)
-            elif kind == "checkpoint" and on_checkpoint is not None:
-                on_checkpoint(Path(payload))
-            elif kind == "error":
-                rank_errors.setdefault(*payload)
-            if should_stop is not None and should_stop():
+        def run() -> None:
+            try:
+                outcome["results"] = launch(list(images), list(class_names), Path(out_dir), options,
+                                            _FetchedWeights(files), events, stop)
+            except BaseException as exc:  # re-raised in the calling thread
+                outcome["failure"] = exc
+
+        launcher = threading.Thread(target=run, name="must-ranks", daemon=True)
+        launcher.start()
+        rank_errors: dict[int, BaseException] = {}
+        callback_error: BaseException | None = None
+        while launcher.is_alive() or not _drained(events):
+            try:
+                kind, payload = events.get(timeout=0.2)
+            except queue.Empty:
+                kind, payload = "", None
+            try:
+                if kind == "progress" and on_progress is not None:
+                    on_progress(payload)
+                elif kind == "checkpoint" and on_checkpoint is not None:
+                    on_checkpoint(Path(payload))
+                elif kind == "error":
+                    rank_errors.setdefault(*payload)
+                if should_stop is not None and should_stop():
+                    stop.set()
+            except BaseException as exc:
+                callback_error = callback_error or exc
                 stop.set()
-        except BaseException as exc:
-            callback_error = callback_error or exc
-            stop.set()
-    launcher.join()
+        launcher.join()
     if callback_error is not None:
         raise callback_error
-    failure = outcome.get("failure")
-    if isinstance(failure, ChildFailedError):
-        killed = [rank for rank, process in failure.failures.items() if process.exitcode < 0]
-        if killed:  # whatever the others raised followed from it (a peer's closed connection)
-            raise RankFailed(f"rank {killed[0]} of {nproc} was killed by a signal; every rank was stopped and "
-                             "the last checkpoint is intact") from failure
-        first, _ = failure.get_first_failure()
-        error = rank_errors.get(first) or next(iter(rank_errors.values()), None)
-        if error is None:
-            raise RankFailed(f"rank {first} of {nproc} failed; every rank was stopped") from failure
-        raise error from failure
-    if failure is not None:
-        raise failure
+    if "failure" in outcome:
+        raise _run_error(outcome["failure"], rank_errors, nproc)
     return outcome["results"][0]
+
+
+def _run_error(failure: BaseException, rank_errors: dict[int, BaseException], nproc: int) -> BaseException:
+    """What the caller sees of a failed run: a rank's own error, or RankFailed when one was killed."""
+    if not isinstance(failure, ChildFailedError):
+        return failure
+    killed = [rank for rank, process in failure.failures.items() if process.exitcode < 0]
+    if killed:  # whatever the others raised followed from it (a peer's closed connection)
+        error: BaseException = RankFailed(f"rank {killed[0]} of {nproc} was killed by a signal; every rank was "
+                                          "stopped and the last checkpoint is intact")
+    else:
+        first, _ = failure.get_first_failure()
+        error = rank_errors.get(first) or next(iter(rank_errors.values()), None) or RankFailed(
+            f"rank {first} of {nproc} failed; every rank was stopped")
+    error.__cause__ = failure
+    return error
 
 
 def _drained(events: Any) -> bool:
