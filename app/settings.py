@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     source_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     device: str = "auto"
+    # Processes that train one job together (must_engine/launch.py: torch elastic, one GPU each, NCCL; on a
+    # host without GPUs, CPU processes over gloo). The job's batch is split over them, not multiplied.
+    gpus_per_job: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
 
     # Request limits.

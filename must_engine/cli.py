@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -57,6 +58,36 @@ def _load_predictor(model: str, classes: str | None, device: str) -> Predictor:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
+    """One process, or (--nproc N) this command again as N ranks under torchrun; then each rank runs it."""
+    from must_engine import distributed
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and not distributed.launched_as_rank():
+        from must_engine.launch import torchrun_main
+
+        return torchrun_main(args.nproc, _without_nproc(args.argv))
+    main_rank = distributed.init_process_group(args.device).is_main
+    try:
+        with tempfile.TemporaryDirectory(prefix="must-rank-") as scratch:
+            return _adapt(args, main_rank, Path(scratch))
+    finally:
+        distributed.shutdown()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line for the ranks (torchrun would take `--nproc` for its own `--nproc-per-node`)."""
+    kept: list[str] = []
+    skip = False
+    for item in argv:
+        if not skip and item != "--nproc" and not item.startswith("--nproc="):
+            kept.append(item)
+        skip = item == "--nproc"
+    return kept
+
+
+def _adapt(args: argparse.Namespace, main_rank: bool, scratch: Path) -> int:
+    """The run on this rank; rank 0 alone extracts into the work directory and writes what follows training."""
     from tqdm import tqdm
 
     from must_engine.train import Progress, adapt, clear_work_dir
@@ -69,13 +100,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out_dir.with_name(out_dir.name + ".work")
     source = Path(args.images)
-    images_root = work_dir / "images" if source.suffix == ".zip" else source  # what prediction names are relative to
+    # What prediction names are relative to; ranks other than 0 extract a zip into a scratch copy of their own.
+    extract_to = work_dir / "images" if main_rank else scratch
+    images_root = extract_to if source.suffix == ".zip" else source
     paths = collect_images(source, images_root) if source.suffix == ".zip" else collect_images(source)
     if args.predictions:
         RowsFile(Path(args.predictions))  # a wrong suffix fails now, not after training
     config = resolve_config(args.preset, overrides, num_images=len(paths), num_classes=len(class_names),
                             geometry=geometry(spec))
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=args.quiet)
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=args.quiet or not main_rank)
 
     def show(progress: Progress) -> None:
         bar.total = progress.total_steps
@@ -90,6 +123,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     result = adapt(paths, class_names, out_dir, base_model=spec.spec, config=config, device=args.device,
                    work_dir=work_dir, on_progress=show)
     bar.close()
+    if not main_rank:
+        return 0
     if args.predictions:
         _write_predictions(paths, images_root, result.artifact_dir, Path(args.predictions), args)
     if not args.keep_checkpoint:
@@ -159,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     adapt.add_argument("--epochs", type=int)
     adapt.add_argument("--device", default="auto")
+    adapt.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train on N processes under torchrun (one GPU each; gloo CPU processes without GPUs)")
     adapt.add_argument("--out", required=True, help="directory for the adapted model artifact")
     adapt.add_argument("--work-dir", help="checkpoint directory (default: OUT.work); a rerun resumes from it")
     adapt.add_argument("--keep-checkpoint", action="store_true")
@@ -192,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` re-runs under torchrun
     try:
         return int(args.handler(args))
     except USER_ERRORS as exc:

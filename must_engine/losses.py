@@ -5,19 +5,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from must_engine.distributed import LOCAL_BATCH, LocalBatch
+
 
 def self_training_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, tau: float
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, tau: float, batch: LocalBatch = LOCAL_BATCH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy to the teacher's hard pseudo-labels where its confidence >= tau.
 
     Averaged over the confident samples only (as the reference code does); a batch with none gives an
     exact, finite zero that still belongs to the graph, instead of the reference's NaN crash.
+    `batch` says which micro-batch the mean is over (must_engine/distributed.py: the global one on N ranks).
     """
     confidence, pseudo_labels = teacher_probs.max(dim=-1)
     keep = (confidence >= tau).to(student_logits.dtype)
     per_sample = F.cross_entropy(student_logits.float(), pseudo_labels, reduction="none")
-    loss = (per_sample * keep).sum() / keep.sum().clamp(min=1.0)
+    loss = batch.mean((per_sample * keep).sum(), keep.sum())
     return loss, keep.bool()
 
 
@@ -41,12 +44,13 @@ def fairness_loss(
 
 
 def mim_loss(
-    reconstruction: torch.Tensor, images: torch.Tensor, patch_mask: torch.Tensor, patch_size: int
+    reconstruction: torch.Tensor, images: torch.Tensor, patch_mask: torch.Tensor, patch_size: int,
+    batch: LocalBatch = LOCAL_BATCH,
 ) -> torch.Tensor:
     """L1 between predicted and input pixels at masked positions only (SimMIM), per channel."""
     pixel_mask = patch_mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
     error = F.l1_loss(reconstruction.float(), images.float(), reduction="none")
-    return (error * pixel_mask).sum() / pixel_mask.sum().clamp(min=1.0) / images.shape[1]
+    return batch.mean((error * pixel_mask).sum(), pixel_mask.sum()) / images.shape[1]
 
 
 def align_loss(
@@ -56,6 +60,7 @@ def align_loss(
     *,
     target: str = "cls",
     k: int = 4,
+    batch: LocalBatch = LOCAL_BATCH,
 ) -> torch.Tensor:
     """Mean squared distance between each [MSK] token's normalised embedding and its target.
 
@@ -70,7 +75,7 @@ def align_loss(
     else:
         raise ValueError(f"unknown alignment target {target!r}")
     distance = (patch_embeddings.float() - targets.float()).pow(2).sum(dim=-1)  # (B, N)
-    return (distance * masked).sum() / masked.sum().clamp(min=1.0)
+    return batch.mean((distance * masked).sum(), masked.sum())
 
 
 def _nearest_visible_mean(embeddings: torch.Tensor, masked: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,11 +94,11 @@ def _nearest_visible_mean(embeddings: torch.Tensor, masked: torch.Tensor, k: int
 
 
 def align_distribution(
-    probs: torch.Tensor, running_marginal: torch.Tensor | None, momentum: float
+    probs: torch.Tensor, running_marginal: torch.Tensor | None, momentum: float, batch: LocalBatch = LOCAL_BATCH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher probabilities divided by their running class marginal, renormalised (ReMixMatch's alignment
     to a uniform target). Returns the aligned probabilities and the updated, detached marginal."""
-    batch = probs.mean(dim=0).detach()
-    marginal = batch if running_marginal is None else momentum * running_marginal + (1 - momentum) * batch
+    mean = batch.rows(probs).mean(dim=0).detach()
+    marginal = mean if running_marginal is None else momentum * running_marginal + (1 - momentum) * mean
     aligned = probs / marginal.clamp(min=1e-12)
     return aligned / aligned.sum(dim=-1, keepdim=True), marginal

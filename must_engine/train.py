@@ -39,7 +39,8 @@ from must_engine.config import (
     resolve_config,
     validate_config,
 )
-from must_engine.data import ResumableSampler, TwoViewDataset, collect_images
+from must_engine.data import TwoViewDataset, collect_images
+from must_engine.distributed import SINGLE_PROCESS, Ranks, current
 from must_engine.ema import EmaTeacher, ema_decay
 from must_engine.losses import align_distribution, align_loss, fairness_loss, mim_loss, self_training_loss
 from must_engine.masking import MaskGenerator
@@ -97,10 +98,15 @@ def adapt(
     should_stop: Callable[[], bool] | None = None,
     fetch_weights: FetchWeights | None = None,
 ) -> AdaptResult:
-    """Adapt a CLIP zero-shot classifier to unlabeled images with MUST; write the artifact to out_dir."""
-    report = on_progress or (lambda _: None)
+    """Adapt a CLIP zero-shot classifier to unlabeled images with MUST; write the artifact to out_dir.
+
+    Under torchrun (must_engine/distributed.py) every rank calls this; only rank 0 reports, checkpoints
+    and writes the artifact (the other ranks return a result naming the artifact rank 0 writes).
+    """
+    ranks = current()
+    report = ranks.main_only(on_progress)
     stop_requested = should_stop or (lambda: False)
-    target = pick_device(device)
+    target = ranks.place(pick_device(device))
     class_names = normalize_class_names(class_names)
     spec = parse_base_model(base_model, pretrained)
     shape = geometry(spec)
@@ -133,8 +139,8 @@ def adapt(
         student = MustModel(classifier, seed=config.seed).to(target)
 
         # ---- schedule ------------------------------------------------------------------------------
-        micro_batch = config.micro_batch_size or _default_micro_batch(config.batch_size, target)
-        accumulation = config.batch_size // micro_batch
+        micro_batch, accumulation = ranks.split_batch(config.batch_size, config.micro_batch_size,
+                                                      lambda images: _default_micro_batch(images, target))
         # An epoch is every image once: batches run on across epoch boundaries (the remainder of one
         # epoch starts the next batch), so no image is skipped however the batch divides the bucket.
         total_steps = math.ceil(config.epochs * len(paths) / config.batch_size)
@@ -145,7 +151,7 @@ def adapt(
         use_bf16 = target.type == "cuda" and config.precision in ("auto", "bf16")
         must_step = MustStep(
             student, config, total_steps=total_steps, device=target,
-            autocast_dtype=torch.bfloat16 if use_bf16 else None,
+            autocast_dtype=torch.bfloat16 if use_bf16 else None, ranks=ranks,
         )
         step = 0
         resumed_from: int | None = None
@@ -158,7 +164,7 @@ def adapt(
         else:
             report(Progress(0, total_steps, 0, config.epochs, message=(
                 f"adapting {spec.spec} to {len(paths)} images, {len(class_names)} classes, "
-                f"{total_steps} steps of {config.batch_size} images on {target}"
+                f"{total_steps} steps of {config.batch_size} images on {ranks.describe(target)}"
             )))
 
         # ---- data ----------------------------------------------------------------------------------
@@ -180,8 +186,8 @@ def adapt(
         workers = config.num_workers if config.num_workers >= 0 else min(8, os.cpu_count() or 1)
 
         def micro_batches() -> Iterator[list[torch.Tensor]]:
-            sampler = ResumableSampler(len(paths), seed=config.seed, total=total_steps * config.batch_size,
-                                       start=step * config.batch_size)
+            sampler = ranks.sampler(len(paths), seed=config.seed, total=total_steps * config.batch_size,
+                                    start=step * config.batch_size, micro_batch=micro_batch)
             loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=workers,
                                 pin_memory=target.type == "cuda", prefetch_factor=4 if workers else None)
             for batch in loader:
@@ -193,7 +199,7 @@ def adapt(
         tick = time.perf_counter()
         batches = micro_batches()
         while step < total_steps:
-            if stop_requested():
+            if ranks.should_stop(stop_requested):
                 raise AdaptCancelled(f"cancelled at step {step}")
             must_step(step, batches, accumulation)
             step += 1
@@ -203,7 +209,7 @@ def adapt(
                 report(Progress(step, total_steps, epoch_at(step), config.epochs, last_metrics,
                                 pseudo_labels=must_step.pseudo_labels))
                 tick = time.perf_counter()
-            if work_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps):
+            if work_dir is not None and ranks.is_main and (step % config.checkpoint_every == 0 or step == total_steps):
                 path = save_checkpoint(work_dir, {
                     "step": step, "config": config.to_dict(), "class_names": class_names,
                     "base_model": spec.spec, "num_images": len(paths), "model_cfg": model_cfg,
@@ -212,6 +218,8 @@ def adapt(
                 if on_checkpoint is not None:
                     on_checkpoint(path)
 
+        if not ranks.is_main:
+            return AdaptResult(Path(out_dir), last_metrics, step, resumed_from)
         # ---- export: the teacher (or student), balanced over the bucket if the config says so ------
         exported = must_step.teacher.module if config.export == "teacher" else student
         if config.balance_classes:
@@ -239,7 +247,7 @@ class MustStep:
 
     def __init__(
         self, student: MustModel, config: MustConfig, *, total_steps: int, device: torch.device,
-        autocast_dtype: torch.dtype | None, fused: bool | None = None,
+        autocast_dtype: torch.dtype | None, fused: bool | None = None, ranks: Ranks = SINGLE_PROCESS,
     ) -> None:
         self.student = student
         self.config = config
@@ -253,7 +261,9 @@ class MustStep:
         self.fair_moving = fairness_uses_moving_average(config, student.classifier.num_classes)
         self.fair_running: torch.Tensor | None = None
         self.teacher_marginal: torch.Tensor | None = None
-        self.forward_masked = torch.compile(student.forward_masked) if config.compile else student.forward_masked
+        self.ranks, self.batch = ranks, ranks.batch()
+        self.replica = ranks.replicate(student, every_parameter_used=config.mim)
+        self.forward_masked = torch.compile(self.replica.masked) if config.compile else self.replica.masked
         self.teacher_forward = torch.compile(self.teacher.module) if config.compile else self.teacher.module
         self.meter = _Meter()
         self.pseudo_labels: list[float] | None = None
@@ -273,28 +283,29 @@ class MustStep:
             teacher_probs = F.softmax(self.teacher_forward(weak).float(), dim=-1)
             if config.align_pseudo_labels > 0:
                 teacher_probs, self.teacher_marginal = align_distribution(
-                    teacher_probs, self.teacher_marginal, config.align_pseudo_labels
+                    teacher_probs, self.teacher_marginal, config.align_pseudo_labels, self.batch
                 )
         with self.autocast():
             if config.mim:
                 out = self.forward_masked(strong, mask)
                 logits = out.logits
             else:
-                logits = self.student(strong)
-            loss_st, confident = self_training_loss(logits, teacher_probs, config.tau)
+                logits = self.replica.plain(strong)
+            loss_st, confident = self_training_loss(logits, teacher_probs, config.tau, self.batch)
             probs = F.softmax(logits.float(), dim=-1)
             loss_fair, self.fair_running = fairness_loss(
-                probs.mean(dim=0), self.fair_running if self.fair_moving else None,
+                self.batch.rows(probs).mean(dim=0), self.fair_running if self.fair_moving else None,
                 config.fair_momentum if self.fair_moving else 0.0,
             )
             loss = loss_st + config.w_fair * loss_fair
             parts = {"loss_st": loss_st, "loss_fair": loss_fair}
             if config.mim:
-                parts["loss_mim"] = mim_loss(out.reconstruction, strong, mask, self.student.patch_size)
+                parts["loss_mim"] = mim_loss(out.reconstruction, strong, mask, self.student.patch_size, self.batch)
                 loss = loss + config.w_mim * parts["loss_mim"]
                 if config.w_align > 0:
                     parts["loss_align"] = align_loss(
-                        out.cls_embedding, out.patch_embeddings, mask, target=config.align_target, k=config.align_k
+                        out.cls_embedding, out.patch_embeddings, mask, target=config.align_target, k=config.align_k,
+                        batch=self.batch,
                     )
                     loss = loss + config.w_align * parts["loss_align"]
         self.meter.add_micro_batch(parts, loss, teacher_probs, probs, confident)
@@ -306,10 +317,11 @@ class MustStep:
         """One optimizer step; returns the step's mean total loss (detached, still on the device)."""
         self.decay = ema_decay(step, self.config.ema_init, self.config.ema_final, self.config.ema_warmup)
         total = torch.zeros(())
-        for _ in range(accumulation):
+        for index in range(accumulation):
             weak, strong, mask = next(micro_batches)
-            loss, parts = self.losses(weak, strong, mask)
-            (loss / accumulation).backward()
+            with self.replica.accumulate(sync=index == accumulation - 1):
+                loss, parts = self.losses(weak, strong, mask)
+                (loss / accumulation).backward()
             total = total.to(loss.device) + loss.detach() / accumulation
         gradients = [p.grad for p in self.student.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=total.device)
@@ -330,6 +342,7 @@ class MustStep:
 
     def report_metrics(self, elapsed: float) -> dict[str, float]:
         """Label-free signals since the last report (one host sync), then start a fresh window."""
+        self.ranks.merge_meter(self.meter.sums, self.meter.histogram)
         metrics = self.meter.summary(elapsed, lr=self.optimizer.param_groups[-1]["lr"], ema_decay=self.decay)
         self.pseudo_labels = self.meter.pseudo_label_shares()
         self.meter = _Meter()

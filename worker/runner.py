@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +57,7 @@ from must_engine import (
     adapt,
 )
 from must_engine.bucket import NamedPath
+from must_engine.launch import RankFailed, adapt_on_ranks
 from worker.evidence import BucketEvidence, bucket_names, label_job_bucket
 from worker.lease import LeaseKeeper, LeaseLost
 
@@ -69,8 +71,9 @@ PROGRESS_EVENT_SECONDS = 10.0
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Infrastructure that is briefly unreachable, as opposed to a job that cannot succeed."""
-    return isinstance(exc, StorageError | urllib3.exceptions.HTTPError) or is_database_unavailable(exc)
+    """Infrastructure that is briefly unreachable (or a training process that was killed: every rank stopped,
+    the next attempt resumes from the checkpoint), as opposed to a job that cannot succeed."""
+    return isinstance(exc, StorageError | urllib3.exceptions.HTTPError | RankFailed) or is_database_unavailable(exc)
 
 
 def failure_summary(exc: BaseException) -> str:
@@ -157,7 +160,9 @@ class AdaptationRunner:
                     # The team's event names the error's type; its text (hosts, library internals) stays in the log.
                     log.warning("adaptation %s: transient failure, releasing it: %s: %s",
                                 spec.adaptation_id, type(exc).__name__, exc)
-                    reason = f"{type(exc).__name__} (the object store or database was briefly unavailable)"
+                    cause = ("a training process was killed" if isinstance(exc, RankFailed)
+                             else "the object store or database was briefly unavailable")
+                    reason = f"{type(exc).__name__} ({cause})"
                     self._with_retry(lambda session: release_leased(session, spec.adaptation_id, self.owner, reason))
                     return "released: transient failure"
                 log.exception("adaptation %s failed", spec.adaptation_id)
@@ -205,7 +210,9 @@ class AdaptationRunner:
                 self._event(spec, EventType.MESSAGE, "found a checkpoint from an earlier attempt; resuming")
             keeper.check()
             fetch_weights = WeightsFetcher(self.store, self.settings)
-            result = adapt(
+            nproc = self.settings.gpus_per_job
+            train = adapt if nproc == 1 else partial(adapt_on_ranks, nproc)
+            result = train(
                 [path for path, _ in images],
                 spec.class_names,
                 root / "artifact",

@@ -33,7 +33,7 @@ def service_env(service: dict) -> dict[str, str]:
 
 
 def test_services(compose: dict) -> None:
-    assert set(compose["services"]) == {"postgres", "redis", "minio", "migrate", "api", "worker"}
+    assert set(compose["services"]) == {"postgres", "redis", "minio", "migrate", "api", "worker", "worker-4gpu"}
     for name in ("postgres", "redis", "minio", "api"):
         assert "healthcheck" in compose["services"][name], name
     assert set(compose["volumes"]) >= {"postgres-data", "redis-data", "minio-data"}
@@ -109,6 +109,21 @@ def test_order_and_gpu(compose: dict) -> None:
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(device["driver"] == "nvidia" and "gpu" in device["capabilities"] for device in devices)
     assert "deploy" not in services["api"]
+
+
+def test_the_multi_gpu_worker_reserves_the_gpus_one_job_trains_on(
+    compose: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    worker, multi = services["worker"], services["worker-4gpu"]
+    env = service_env(multi)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().gpus_per_job == 4
+    assert {**service_env(worker), "MUST_GPUS_PER_JOB": "4"} == env
+    assert multi["command"] == worker["command"] and multi["profiles"] == ["multi-gpu"]
+    devices = multi["deploy"]["resources"]["reservations"]["devices"]
+    assert [device["count"] for device in devices if device["driver"] == "nvidia"] == [4]
 
 
 def test_dockerfile_copies_what_the_commands_need() -> None:

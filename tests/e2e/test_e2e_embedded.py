@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -29,17 +30,18 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def server(workdir: Path, unused_port: int) -> Iterator[str]:
+@contextmanager
+def _serving(workdir: Path, port: int, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """`must serve` from workdir on embedded defaults (plus `settings`), until it is ready; stopped with Ctrl-C."""
     log = (workdir / "serve.log").open("wb")
     process = subprocess.Popen(
-        [MUST, "serve", "--port", str(unused_port)],
+        [MUST, "serve", "--port", str(port)],
         cwd=workdir,
-        env=_environment(),
+        env={**_environment(), **(settings or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{unused_port}"
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -62,9 +64,13 @@ def server(workdir: Path, unused_port: int) -> Iterator[str]:
             log.close()
 
 
-def test_embedded_service_adapts_and_classifies(
-    server: str, workdir: Path, dtd_images, base_model: str, tiny_config: dict
-) -> None:
+@pytest.fixture
+def server(workdir: Path, unused_port: int) -> Iterator[str]:
+    with _serving(workdir, unused_port) as url:
+        yield url
+
+
+def _create_team(workdir: Path) -> dict[str, str]:
     created = subprocess.run(
         [MUST, "admin", "create-team", "embedded-team"],
         cwd=workdir,
@@ -76,8 +82,14 @@ def test_embedded_service_adapts_and_classifies(
     )
     key = created.stdout.strip().splitlines()[-1]
     assert key.startswith("mk_")
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_embedded_service_adapts_and_classifies(
+    server: str, workdir: Path, dtd_images, base_model: str, tiny_config: dict
+) -> None:
+    headers = _create_team(workdir)
     assert (workdir / "var" / "must.db").is_file(), "admin and serve share ./var"
-    headers = {"Authorization": f"Bearer {key}"}
 
     with httpx.Client(base_url=server, headers=headers, timeout=60) as client:
         response = client.post(
@@ -139,6 +151,42 @@ def test_embedded_service_adapts_and_classifies(
     ]
     assert not any(path.is_file() for path in objects.rglob("*") if "evaluations" in path.parts)
     assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["var"], "all state lives under ./var"
+
+
+def test_the_embedded_worker_trains_a_job_on_two_processes(
+    workdir: Path, unused_port: int, dtd_images, base_model: str, tiny_config: dict
+) -> None:
+    """MUST_GPUS_PER_JOB=2 on a host without GPUs: two gloo ranks train one job, the worker records it once."""
+    headers = _create_team(workdir)
+    with _serving(workdir, unused_port, {"MUST_GPUS_PER_JOB": "2"}) as url, \
+            httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        response = client.post(
+            "/adaptations",
+            data={"class_names": json.dumps(["banded", "blotchy"]), "base_model": base_model,
+                  "config": json.dumps({**tiny_config, "epochs": 2})},
+            files={"images": ("textures.zip", dtd_images.zip(dtd_images.paths(16)), "application/zip")},
+        )
+        assert response.status_code == 202, response.text
+        adaptation_id = response.json()["id"]
+        deadline = time.monotonic() + 300
+        while (body := client.get(f"/adaptations/{adaptation_id}").json())["status"] not in (
+            "succeeded", "failed", "cancelled",
+        ):
+            assert time.monotonic() < deadline, body
+            time.sleep(1)
+        assert body["status"] == "succeeded", (body, (workdir / "serve.log").read_text()[-3000:])
+        assert body["progress"]["step"] == body["progress"]["total_steps"] == 4 and body["attempts"] == 1
+        events = client.get(f"/adaptations/{adaptation_id}/events", params={"limit": 1000}).json()["data"]
+        messages = [event["message"] or "" for event in events]
+        assert any("4 steps of 8 images on 2 x cpu (gloo)" in message for message in messages), messages
+        progress = [event["data"]["step"] for event in events if "step" in (event["data"] or {})
+                    and event["type"] == "progress"]
+        assert progress == sorted(progress) and progress[-1] == 4  # rank 0's reports only, each step once
+        assert len(progress) == len(set(progress))
+        rows = client.get(f"/adaptations/{adaptation_id}/predictions", params={"format": "jsonl"}).text.splitlines()
+        assert len(rows) == 16
+    models = [path for path in (workdir / "var" / "objects").rglob("model.safetensors") if "models" in path.parts]
+    assert len(models) == 1
 
 
 def _children(pid: int) -> list[int]:

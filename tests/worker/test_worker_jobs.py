@@ -227,3 +227,12 @@ def test_the_worker_refuses_a_forbidden_base_model_before_reading_anything(stack
     assert done["status"] == "failed" and done["error"]["code"] == "weights_not_allowed", done
     assert "environ" not in done["error"]["message"]
     assert built == []
+
+
+def test_a_killed_training_rank_releases_the_job_for_a_resumed_attempt() -> None:
+    """A rank killed outright (OOM killer, lost GPU) says nothing about the job: retry it, as for an outage."""
+    from must_engine.launch import RankFailed
+    from worker.runner import is_transient
+
+    assert is_transient(RankFailed("rank 1 of 4 was killed by a signal"))
+    assert not is_transient(RuntimeError("a bug in a rank"))
