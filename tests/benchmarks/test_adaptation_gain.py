@@ -1,9 +1,10 @@
 """Behaviour on the shipped proxy: adaptation without labels lifts its accuracy on shifted CIFAR-10 targets.
 
 Each target is a seeded 1,000-image shifted test subset of docs/BENCHMARKS.md (section 2), adapted through the
-engine's real `adapt` with the hyperparameters calibrated on the dev shift (benchmarks/quality.py, CALIBRATED),
-then scored with `evaluate`. The margins sit 0.7 and 1.5 points below the measured gains; masked runs moved
-by up to 0.4 points between repeats, self-training runs not at all.
+engine's real `adapt` and scored like `python -m benchmarks.quality` scores it. The first case is the product's
+default (`auto`, no settings at all: what a team gets); the others use the hyperparameters calibrated on the
+dev shift (benchmarks/quality.py, CALIBRATED). Margins sit below the measured gains (section 6 for auto, 46.2
+-> 54.0; masked runs moved by up to 0.4 points between repeats, self-training runs not at all).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ BASE_MODEL = "proxy-cifar10-tiny"
 
 
 @pytest.mark.parametrize(("shift", "variant", "margin"), [
+    # the default on the dev shift: measured 46.2 -> 54.0 (125 steps of 128 images, balanced before and after)
+    ("gaussian_noise", "auto", 0.06),
     # full MUST on brightness: measured 40.8 -> 44.8 (self-training alone 43.7)
     ("brightness", "must", 0.025),
     # the dev shift, where the masked branch hurts this 32 px proxy: self-training alone, 46.2 -> 47.9
