@@ -97,6 +97,10 @@ class BatchingPredictor:
             start += len(request.images)
 
 
+def _zero_shot_key(base_model: str, class_names: list[str]) -> str:
+    return "zero-shot:" + hashlib.sha256(json.dumps([base_model, class_names]).encode()).hexdigest()
+
+
 class ModelLoadsBusy(Exception):
     """Every model-load slot stayed taken for the whole wait: the API answers 503 instead of piling up builds."""
 
@@ -157,11 +161,25 @@ class PredictorCache:
         return self._get(f"model:{model_id}", lambda: self._load_artifact(artifact_prefix))
 
     def zero_shot(self, base_model: str, class_names: list[str]) -> BatchingPredictor:
-        digest = hashlib.sha256(json.dumps([base_model, class_names]).encode()).hexdigest()
         return self._get(
-            f"zero-shot:{digest}",
+            _zero_shot_key(base_model, class_names),
             lambda: Predictor.zero_shot(base_model, class_names, device=self.device, fetch_weights=self.fetch_weights),
         )
+
+    def loaded_model(self, model_id: str) -> BatchingPredictor | None:
+        """The model's predictor if it is already loaded: never blocks, so the event loop may call it."""
+        return self._peek(f"model:{model_id}")
+
+    def loaded_zero_shot(self, base_model: str, class_names: list[str]) -> BatchingPredictor | None:
+        return self._peek(_zero_shot_key(base_model, class_names))
+
+    def _peek(self, key: str) -> BatchingPredictor | None:
+        with self._lock:  # held only for dictionary updates, never across a load
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
 
     def evict_model(self, model_id: str) -> None:
         with self._lock:
