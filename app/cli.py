@@ -88,7 +88,11 @@ def serve(args: argparse.Namespace) -> int:
         if args.workers == 1:
             uvicorn.run(create_app(settings), **options)
         else:  # each process builds its own app from the same MUST_* environment
-            uvicorn.run("app.main:create_app", factory=True, workers=args.workers, **options)
+            # A spawned worker imports torch before it can answer uvicorn's health ping (5 s by default):
+            # on a busy machine that is slower, and the supervisor would kill and respawn it forever.
+            uvicorn.run(
+                "app.main:create_app", factory=True, workers=args.workers, timeout_worker_healthcheck=120, **options
+            )
     finally:
         if worker is not None:
             worker.stop()

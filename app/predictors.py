@@ -7,6 +7,7 @@ the same model are merged into one forward pass by the predictor's batcher threa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ import queue
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,16 @@ class PredictorCache:
     def loaded_zero_shot(self, base_model: str, class_names: list[str]) -> BatchingPredictor | None:
         return self._peek(_zero_shot_key(base_model, class_names))
 
+    @contextlib.contextmanager
+    def load_slot(self) -> Iterator[None]:
+        """One of the `max_loads` slots, for other work that holds a whole model in memory (ONNX export)."""
+        if not self._load_slots.acquire(timeout=self.load_wait_seconds):
+            raise ModelLoadsBusy(f"no model-load slot freed within {self.load_wait_seconds:g} s")
+        try:
+            yield
+        finally:
+            self._load_slots.release()
+
     def _peek(self, key: str) -> BatchingPredictor | None:
         with self._lock:  # held only for dictionary updates, never across a load
             entry = self._entries.get(key)
@@ -204,12 +215,8 @@ class PredictorCache:
             with self._lock:
                 if key in self._entries:
                     return self._entries[key][0]
-            if not self._load_slots.acquire(timeout=self.load_wait_seconds):
-                raise ModelLoadsBusy(f"no model-load slot freed within {self.load_wait_seconds:g} s")
-            try:
+            with self.load_slot():
                 predictor = load()
-            finally:
-                self._load_slots.release()
             entry = BatchingPredictor(predictor, max_batch_images=self.max_batch_images, wait_seconds=self.wait_seconds)
             with self._lock:
                 self._entries[key] = (entry, predictor_bytes(predictor))
