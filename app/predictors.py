@@ -14,6 +14,7 @@ import logging
 import queue
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -40,8 +41,8 @@ class _Request:
 class BatchingPredictor:
     """Runs one predictor on a daemon thread, merging queued requests into batches.
 
-    Waiting `wait_seconds` after the first request lets concurrent requests join its forward pass;
-    results are computed at the largest requested k and cut back per request.
+    Waiting up to `wait_seconds` after a batch's first request lets concurrent requests join its forward
+    pass; results are computed at the largest requested k and cut back per request.
     """
 
     def __init__(self, predictor: Predictor, *, max_batch_images: int, wait_seconds: float) -> None:
@@ -69,9 +70,14 @@ class BatchingPredictor:
             batch = [first]
             size = len(first.images)
             stop = False
+            # One window per batch, from its first request: waiting `wait_seconds` after *each* arrival let
+            # a trickle of requests (a busy event loop hands them over one by one) hold the forward back for
+            # up to max_batch_images windows while the model sat idle. What is queued is always taken.
+            deadline = time.monotonic() + self.wait_seconds
             while size < self.max_batch_images:
+                remaining = deadline - time.monotonic()
                 try:
-                    request = self._queue.get(timeout=self.wait_seconds)
+                    request = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if request is None:

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials
 from PIL.Image import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServicesDep, TeamBriefly
-from app.api.routes.models import owned_model
+from app.api.deps import BearerDep, ServicesDep, TeamBriefly, get_current_team
 from app.db.models import Model as ModelRow
 from app.db.models import Team
-from app.errors import ApiError
+from app.errors import ApiError, not_found
 from app.predictors import BatchingPredictor
 from app.schemas import ClassifyImages, ClassifyResponse, ImageResult, Prediction, ZeroShotClassify
 from app.services import Services
@@ -186,10 +186,15 @@ def _decode(
     return ClassifyInput(images, [name for _, name in sources], top_k, class_names, base_model)
 
 
-def _owned_model(services: Services, team: Team, model_id: str) -> ModelRow:
-    """The team's model row, read in a session closed before the request waits for the batcher."""
+def _team_and_model(
+    services: Services, credentials: HTTPAuthorizationCredentials | None, model_id: str
+) -> tuple[Team, ModelRow | None]:
+    """The caller's team (or 401) and its model row, in one session closed before the request waits for
+    the batcher, and one worker-thread hop. The 404 is the caller's to raise, after the rate limit."""
     with services.session_factory() as session:
-        return owned_model(session, team, model_id)
+        team = get_current_team(session, credentials)
+        row = session.get(ModelRow, model_id)
+        return team, row if row is not None and row.team_id == team.id else None
 
 
 async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[ImageResult]:
@@ -211,14 +216,16 @@ async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[I
 )
 async def classify_with_model(
     request: Request,
-    team: TeamBriefly,
+    credentials: BearerDep,
     services: ServicesDep,
     model_id: str,
     top_k: TopKQuery = None,
 ) -> ClassifyResponse:
     """Top-k labels from an adapted model of the team."""
+    team, row = await run_in_threadpool(_team_and_model, services, credentials, model_id)
     await services.classify_limiter.check(team.id)
-    row = await run_in_threadpool(_owned_model, services, team, model_id)
+    if row is None:
+        raise not_found("model", "model_id")
     batch = await _read_input(request, services.settings, ClassifyImages, top_k)
     predictor = services.predictors.loaded_model(row.id)
     if predictor is None:  # a load may take seconds: off the event loop
