@@ -82,14 +82,14 @@ def _pick_images(root: Path, count: int) -> list[Path]:
 
 
 @contextmanager
-def embedded_service(images: Path, serve_args: list[str] | None = None) -> Iterator[Target]:
+def embedded_service(images: Path, serve_args: list[str] | None = None, device: str = "cpu") -> Iterator[Target]:
     """`must serve` with its worker in a temporary data dir, plus a team and a freshly adapted model."""
     must = str(Path(sys.executable).with_name("must"))
     with tempfile.TemporaryDirectory(prefix="must-load-") as directory:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MUST_")},
             "MUST_DATA_DIR": directory,
-            "MUST_DEVICE": "cpu",
+            "MUST_DEVICE": device,
             "MUST_MIN_IMAGES": "8",
             "MUST_CLASSIFY_REQUESTS_PER_SECOND": "1000000",
             "MUST_CLASSIFY_BURST": "1000000",

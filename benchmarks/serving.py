@@ -13,7 +13,7 @@ model on a few DTD photos, downloads the artifact and then measures, on the same
 The load generator runs on the same cores as the server (loopback), so HTTP figures include its cost.
 The classify rate limit is raised for the self-started service (the limiter answers 429 by design).
 
-    python -m benchmarks.serving --duration 20 --clients 16,64,256 [--workers 2] [--json out.json]
+    python -m benchmarks.serving --duration 20 --clients 16,64,256 [--workers 2] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Run:
 class InProcess:
     """The engine's Predictor on the served artifact, classifying JPEG bytes `batch` at a time."""
 
-    def __init__(self, target: Target, jpegs: list[bytes], batch: int) -> None:
+    def __init__(self, target: Target, jpegs: list[bytes], batch: int, device: str) -> None:
         from must_engine.predictor import Predictor
 
         response = httpx.get(f"{target.url}/models/{target.model_id}/artifact", headers=target.headers, timeout=60)
@@ -57,7 +57,7 @@ class InProcess:
         with tempfile.TemporaryDirectory(prefix="serving-bench-") as directory:
             with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
                 archive.extractall(directory)
-            self.predictor = Predictor.load(Path(directory) / target.model_id, device="cpu")
+            self.predictor = Predictor.load(Path(directory) / target.model_id, device=device)
         self.images = [jpegs[i % len(jpegs)] for i in range(batch)]
         self.batch = batch
         for _ in range(2):
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--jpegs", type=int, default=32, help="distinct JPEGs the clients cycle through")
     parser.add_argument("--workers", type=int, default=1, help="`must serve --workers` (default 1)")
+    parser.add_argument("--device", default="cpu", help="the server's MUST_DEVICE and the in-process device")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     counts = [int(part) for part in args.clients.split(",")]
@@ -194,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     jpegs = [path.read_bytes() for path in _pick_images(args.images, args.jpegs)]
     extra = ["--workers", str(args.workers)] if args.workers != 1 else []
     rows = []
-    with embedded_service(args.images, serve_args=extra) as target:
+    with embedded_service(args.images, serve_args=extra, device=args.device) as target:
         requests = [multipart_request(target, image) for image in jpegs]
-        reference = InProcess(target, jpegs, args.batch)
+        reference = InProcess(target, jpegs, args.batch, args.device)
         asyncio.run(http_run(target, requests, 8, 3.0))  # warm every worker's predictor cache
         for clients in counts:
             # Measured right before each HTTP run: the CPU is shared, so a rate from minutes earlier would
