@@ -125,21 +125,24 @@ class RedisRateLimiter(RateLimiter):
         self.url = url
         self.prefix = prefix
         self._client: Any = None
+        self._script: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _redis(self) -> Any:
-        """A client bound to the running loop (an asyncio connection cannot move between loops)."""
+    def _take_token(self) -> Any:
+        """The script on a client bound to the running loop (an asyncio connection cannot move between
+        loops); sent by its SHA after the first call."""
         import redis.asyncio
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             self._client = redis.asyncio.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            self._script = self._client.register_script(_TAKE_TOKEN)
             self._loop = loop
-        return self._client
+        return self._script
 
     async def check(self, key: str) -> None:
         try:
-            taken, tokens = await self._redis().eval(_TAKE_TOKEN, 1, self.prefix + key, self.rate, self.burst)
+            taken, tokens = await self._take_token()(keys=[self.prefix + key], args=[self.rate, self.burst])
         except Exception as exc:  # any Redis failure: limit in this process instead
             log.warning("shared rate limit unavailable (%s); limiting in this process", exc)
             self.take(key)
