@@ -40,7 +40,21 @@ def add_serve_parser(subparsers: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-worker", action="store_true", help="API only; workers run elsewhere")
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="API processes on this port (default 1); each keeps its own predictor cache and sweeper, and "
+        "they share rate limits through Redis when Redis is configured",
+    )
     parser.set_defaults(handler=serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def add_admin_parser(subparsers: Any) -> None:
@@ -69,8 +83,16 @@ def serve(args: argparse.Namespace) -> int:
     worker = None if args.no_worker else EmbeddedWorker(settings)
     if worker is not None:
         worker.start()
+    options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": settings.log_level.lower()}
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+        if args.workers == 1:
+            uvicorn.run(create_app(settings), **options)
+        else:  # each process builds its own app from the same MUST_* environment
+            # A spawned worker imports torch before it can answer uvicorn's health ping (5 s by default):
+            # on a busy machine that is slower, and the supervisor would kill and respawn it forever.
+            uvicorn.run(
+                "app.main:create_app", factory=True, workers=args.workers, timeout_worker_healthcheck=120, **options
+            )
     finally:
         if worker is not None:
             worker.stop()

@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await run_in_threadpool(dispatcher.stop)
+            await services.classify_limiter.aclose()
             services.close()
 
     app = FastAPI(

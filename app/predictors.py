@@ -7,14 +7,16 @@ the same model are merged into one forward pass by the predictor's batcher threa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import queue
 import tempfile
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +41,8 @@ class _Request:
 class BatchingPredictor:
     """Runs one predictor on a daemon thread, merging queued requests into batches.
 
-    Waiting `wait_seconds` after the first request lets concurrent requests join its forward pass;
-    results are computed at the largest requested k and cut back per request.
+    Waiting up to `wait_seconds` after a batch's first request lets concurrent requests join its forward
+    pass; results are computed at the largest requested k and cut back per request.
     """
 
     def __init__(self, predictor: Predictor, *, max_batch_images: int, wait_seconds: float) -> None:
@@ -68,9 +70,14 @@ class BatchingPredictor:
             batch = [first]
             size = len(first.images)
             stop = False
+            # One window per batch, from its first request: waiting `wait_seconds` after *each* arrival let
+            # a trickle of requests (a busy event loop hands them over one by one) hold the forward back for
+            # up to max_batch_images windows while the model sat idle. What is queued is always taken.
+            deadline = time.monotonic() + self.wait_seconds
             while size < self.max_batch_images:
+                remaining = deadline - time.monotonic()
                 try:
-                    request = self._queue.get(timeout=self.wait_seconds)
+                    request = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if request is None:
@@ -95,6 +102,10 @@ class BatchingPredictor:
             rows = predictions[start : start + len(request.images)]
             request.future.set_result([row[: request.top_k] for row in rows])
             start += len(request.images)
+
+
+def _zero_shot_key(base_model: str, class_names: list[str]) -> str:
+    return "zero-shot:" + hashlib.sha256(json.dumps([base_model, class_names]).encode()).hexdigest()
 
 
 class ModelLoadsBusy(Exception):
@@ -157,11 +168,35 @@ class PredictorCache:
         return self._get(f"model:{model_id}", lambda: self._load_artifact(artifact_prefix))
 
     def zero_shot(self, base_model: str, class_names: list[str]) -> BatchingPredictor:
-        digest = hashlib.sha256(json.dumps([base_model, class_names]).encode()).hexdigest()
         return self._get(
-            f"zero-shot:{digest}",
+            _zero_shot_key(base_model, class_names),
             lambda: Predictor.zero_shot(base_model, class_names, device=self.device, fetch_weights=self.fetch_weights),
         )
+
+    def loaded_model(self, model_id: str) -> BatchingPredictor | None:
+        """The model's predictor if it is already loaded: never blocks, so the event loop may call it."""
+        return self._peek(f"model:{model_id}")
+
+    def loaded_zero_shot(self, base_model: str, class_names: list[str]) -> BatchingPredictor | None:
+        return self._peek(_zero_shot_key(base_model, class_names))
+
+    @contextlib.contextmanager
+    def load_slot(self) -> Iterator[None]:
+        """One of the `max_loads` slots, for other work that holds a whole model in memory (ONNX export)."""
+        if not self._load_slots.acquire(timeout=self.load_wait_seconds):
+            raise ModelLoadsBusy(f"no model-load slot freed within {self.load_wait_seconds:g} s")
+        try:
+            yield
+        finally:
+            self._load_slots.release()
+
+    def _peek(self, key: str) -> BatchingPredictor | None:
+        with self._lock:  # held only for dictionary updates, never across a load
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
 
     def evict_model(self, model_id: str) -> None:
         with self._lock:
@@ -186,12 +221,8 @@ class PredictorCache:
             with self._lock:
                 if key in self._entries:
                     return self._entries[key][0]
-            if not self._load_slots.acquire(timeout=self.load_wait_seconds):
-                raise ModelLoadsBusy(f"no model-load slot freed within {self.load_wait_seconds:g} s")
-            try:
+            with self.load_slot():
                 predictor = load()
-            finally:
-                self._load_slots.release()
             entry = BatchingPredictor(predictor, max_batch_images=self.max_batch_images, wait_seconds=self.wait_seconds)
             with self._lock:
                 self._entries[key] = (entry, predictor_bytes(predictor))

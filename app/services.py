@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import create_db_engine, create_session_factory
 from app.gallery import GalleryImages
-from app.limits import RateLimiter
+from app.limits import RateLimiter, create_rate_limiter
 from app.metrics import ServiceMetrics
 from app.predictors import PredictorCache
 from app.settings import Settings
@@ -54,7 +54,9 @@ class Services:
                 load_wait_seconds=settings.model_load_wait_seconds,
                 fetch_weights=WeightsFetcher(store, settings),
             ),
-            classify_limiter=RateLimiter(settings.classify_requests_per_second, settings.classify_burst),
+            classify_limiter=create_rate_limiter(
+                settings.shared_rate_limit_url, settings.classify_requests_per_second, settings.classify_burst
+            ),
             metrics=ServiceMetrics(),
         )
 

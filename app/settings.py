@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_active_jobs_per_team: int = Field(default=4, ge=1)
     classify_requests_per_second: float = Field(default=20.0, gt=0)
     classify_burst: int = Field(default=40, ge=1)
+    # Redis that holds the classify buckets, so every API process draws from one bucket per team. Empty:
+    # the broker's URL when the broker is Redis, otherwise each process keeps its own buckets.
+    rate_limit_redis_url: str = ""
 
     # Base models a team may name. Architectures (and shipped models) this deployment serves: anything
     # else is refused before it is built, so no request can make the API build a model it is not sized for.
@@ -231,9 +234,18 @@ class Settings(BaseSettings):
             raise ValueError("s3_endpoint needs s3_access_key and s3_secret_key")
         if self.s3_bucket in self.source_buckets:
             raise ValueError("the service bucket cannot be a source bucket (it holds every team's data)")
+        if self.rate_limit_redis_url.split("://")[0] not in ("", "redis", "rediss"):
+            raise ValueError("rate_limit_redis_url must start with redis:// or rediss://")
         if self.min_images > self.max_images:
             raise ValueError("min_images must not exceed max_images")
         return self
+
+    @property
+    def shared_rate_limit_url(self) -> str:
+        """Where the classify buckets live: empty means in each API process."""
+        if self.rate_limit_redis_url:
+            return self.rate_limit_redis_url
+        return self.broker_url if self.broker_url.split("://")[0] in ("redis", "rediss") else ""
 
     @property
     def uses_sqlite(self) -> bool:

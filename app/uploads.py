@@ -2,7 +2,8 @@
 
 Starlette's own form parser keeps files under 1 MiB in memory, so thousands of small images would pile
 up in RAM; this parser writes every file part to disk as its bytes arrive and hashes it on the way (the
-hashes identify the request for `Idempotency-Key`).
+hashes identify the request for `Idempotency-Key`). Classify bodies, capped at `max_classify_bytes`, are
+parsed from memory instead (`parse_multipart_bytes`), off the event loop, with no staging directory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -31,17 +32,31 @@ _SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,8}$")
 
 
 @dataclass
-class UploadedFile:
+class FilePart:
     field: str
     filename: str  # the client's name, for display only; never part of a path or key
+
+
+@dataclass
+class UploadedFile(FilePart):
     path: Path
     sha256: str = ""
 
 
 @dataclass
-class MultipartForm:
+class FileInMemory(FilePart):
+    """A file part of a body already bounded small (classify): no staging directory, no disk round trip."""
+
+    content: bytes = b""
+
+
+PartT = TypeVar("PartT", bound=FilePart)
+
+
+@dataclass
+class MultipartForm(Generic[PartT]):
     fields: dict[str, list[str]] = field(default_factory=dict)
-    files: list[UploadedFile] = field(default_factory=list)
+    files: list[PartT] = field(default_factory=list)
 
     def values(self, name: str) -> list[str]:
         return self.fields.get(name, [])
@@ -53,10 +68,10 @@ class MultipartForm:
             raise bad_request("duplicate_parameter", f"field {name!r} was sent more than once", name)
         return values[0] if values else None
 
-    def files_of(self, name: str) -> list[UploadedFile]:
+    def files_of(self, name: str) -> list[PartT]:
         return [upload for upload in self.files if upload.field == name]
 
-    def fingerprint(self) -> str:
+    def fingerprint(self: MultipartForm[UploadedFile]) -> str:
         """A hash of what was sent (fields and file contents), independent of the multipart boundary."""
         canonical = {
             "fields": sorted((name, values) for name, values in self.fields.items()),
@@ -85,7 +100,7 @@ class _StreamingParser:
     def __init__(self, directory: Path, max_files: int) -> None:
         self.directory = directory
         self.max_files = max_files
-        self.form = MultipartForm()
+        self.form: MultipartForm[UploadedFile] = MultipartForm()
         self._headers: dict[bytes, bytes] = {}
         self._header_name = b""
         self._header_value = b""
@@ -100,6 +115,24 @@ class _StreamingParser:
         self._headers = {}
         self._field_data = bytearray()
         self._file = None
+
+    def _start_file(self, filename: str) -> None:
+        path = self.directory / _staging_name(len(self.form.files), filename)
+        self._file = UploadedFile(self._field_name, display_name(filename), path)
+        self._sink = path.open("wb")
+        self._hash = hashlib.sha256()
+        self.form.files.append(self._file)
+
+    def _write_file(self, chunk: bytes) -> None:
+        assert self._sink is not None
+        self._sink.write(chunk)
+        self._hash.update(chunk)
+
+    def _file_open(self) -> bool:
+        return self._file is not None
+
+    def _file_count(self) -> int:
+        return len(self.form.files)
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -121,30 +154,23 @@ class _StreamingParser:
             if self._field_count > MAX_FIELDS:
                 raise bad_request("invalid_multipart", f"more than {MAX_FIELDS} form fields")
             return
-        if len(self.form.files) >= self.max_files:
+        if self._file_count() >= self.max_files:
             raise bad_request(
                 "too_many_images", f"a request may carry at most {self.max_files} files", self._field_name
             )
-        filename = options[b"filename"].decode("utf-8", "replace")
-        path = self.directory / _staging_name(len(self.form.files), filename)
-        self._file = UploadedFile(self._field_name, display_name(filename), path)
-        self._sink = path.open("wb")
-        self._hash = hashlib.sha256()
-        self.form.files.append(self._file)
+        self._start_file(options[b"filename"].decode("utf-8", "replace"))
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
-        if self._file is None:
+        if not self._file_open():
             if len(self._field_data) + len(chunk) > MAX_FIELD_BYTES:
                 raise ApiError(413, "request_too_large", f"field {self._field_name!r} exceeds 1 MiB", self._field_name)
             self._field_data.extend(chunk)
             return
-        assert self._sink is not None
-        self._sink.write(chunk)
-        self._hash.update(chunk)
+        self._write_file(chunk)
 
     def on_part_end(self) -> None:
-        if self._file is None:
+        if not self._file_open():
             text = self._field_data.decode("utf-8", "replace")
             self.form.fields.setdefault(self._field_name, []).append(text)
             return
@@ -157,13 +183,40 @@ class _StreamingParser:
             self._sink = None
 
 
-async def read_multipart(request: Request, directory: Path, *, max_files: int) -> MultipartForm:
-    """Parse a multipart body, streaming file parts into `directory` (which the caller cleans up)."""
-    _, params = parse_options_header(request.headers.get("content-type", ""))
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise bad_request("invalid_multipart", "multipart body without a boundary")
-    parser = _StreamingParser(directory, max_files)
+class _MemoryParser(_StreamingParser):
+    """The same parts, with file contents kept in memory (for bodies the size limit keeps small)."""
+
+    def __init__(self, max_files: int) -> None:
+        super().__init__(Path(), max_files)
+        self.memory_form: MultipartForm[FileInMemory] = MultipartForm(fields=self.form.fields)
+        self._memory_file: FileInMemory | None = None
+        self._content = bytearray()
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._memory_file = None
+
+    def _start_file(self, filename: str) -> None:
+        self._memory_file = FileInMemory(self._field_name, display_name(filename))
+        self._content = bytearray()
+        self.memory_form.files.append(self._memory_file)
+
+    def _write_file(self, chunk: bytes) -> None:
+        self._content.extend(chunk)
+
+    def _file_open(self) -> bool:
+        return self._memory_file is not None
+
+    def _file_count(self) -> int:
+        return len(self.memory_form.files)
+
+    def close_file(self) -> None:
+        if self._memory_file is not None:
+            self._memory_file.content = bytes(self._content)
+            self._memory_file = None
+
+
+def _callbacks(parser: _StreamingParser, boundary: bytes) -> MultipartParser:
     callbacks: Any = {
         name: getattr(parser, name)
         for name in (
@@ -176,18 +229,51 @@ async def read_multipart(request: Request, directory: Path, *, max_files: int) -
             "on_part_end",
         )
     }
-    multipart = MultipartParser(boundary, callbacks)
+    return MultipartParser(boundary, callbacks)
+
+
+def multipart_boundary(request: Request) -> bytes:
+    """The boundary of a multipart request, or 400 `invalid_multipart`."""
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise bad_request("invalid_multipart", "multipart body without a boundary")
+    return bytes(boundary)
+
+
+def _malformed(exc: FormParserError) -> ApiError:
+    # python-multipart's text names parser internals; the log keeps it.
+    log.info("malformed multipart body (request %s): %s", current_request_id(), exc)
+    return bad_request("invalid_multipart", "malformed multipart body")
+
+
+async def read_multipart(request: Request, directory: Path, *, max_files: int) -> MultipartForm[UploadedFile]:
+    """Parse a multipart body, streaming file parts into `directory` (which the caller cleans up)."""
+    parser = _StreamingParser(directory, max_files)
+    multipart = _callbacks(parser, multipart_boundary(request))
     try:
         async for chunk in request.stream():
             multipart.write(chunk)
         multipart.finalize()
     except FormParserError as exc:
-        # python-multipart's text names parser internals; the log keeps it.
-        log.info("malformed multipart body (request %s): %s", current_request_id(), exc)
-        raise bad_request("invalid_multipart", "malformed multipart body") from exc
+        raise _malformed(exc) from exc
     finally:
         parser.close_file()
     return parser.form
+
+
+def parse_multipart_bytes(body: bytes, boundary: bytes, *, max_files: int) -> MultipartForm[FileInMemory]:
+    """Parse a whole multipart body held in memory (blocking: run it off the event loop)."""
+    parser = _MemoryParser(max_files)
+    multipart = _callbacks(parser, boundary)
+    try:
+        multipart.write(body)
+        multipart.finalize()
+    except FormParserError as exc:
+        raise _malformed(exc) from exc
+    finally:
+        parser.close_file()
+    return parser.memory_form
 
 
 def loads_json(text: str | bytes | bytearray, field: str | None = None) -> Any:
@@ -206,6 +292,16 @@ def loads_json(text: str | bytes | bytearray, field: str | None = None) -> Any:
     return json.loads(text, object_pairs_hook=refuse_duplicates)
 
 
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 once it passes `max_bytes`."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > max_bytes:
+            raise ApiError(413, "request_too_large", f"the request body exceeds {max_bytes} bytes")
+    return bytes(body)
+
+
 async def read_json(request: Request, model: type[BaseModel], max_bytes: int) -> tuple[Any, str]:
     """Parse and validate a JSON body; returns the model and a hash of its canonical form."""
     body = bytearray()
@@ -213,6 +309,11 @@ async def read_json(request: Request, model: type[BaseModel], max_bytes: int) ->
         body.extend(chunk)
         if len(body) > max_bytes:
             raise ApiError(413, "request_too_large", f"JSON bodies are limited to {max_bytes} bytes")
+    return parse_json(bytes(body), model)
+
+
+def parse_json(body: bytes, model: type[BaseModel]) -> tuple[Any, str]:
+    """Validate a JSON body already read (blocking for big bodies: run it off the event loop)."""
     try:
         raw = loads_json(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -52,6 +52,7 @@ class Target:
     api_key: str
     model_id: str
     adaptation_id: str
+    server_pid: int | None = None  # known when this script started the service
 
     @property
     def headers(self) -> dict[str, str]:
@@ -81,14 +82,14 @@ def _pick_images(root: Path, count: int) -> list[Path]:
 
 
 @contextmanager
-def embedded_service(images: Path) -> Iterator[Target]:
+def embedded_service(images: Path, serve_args: list[str] | None = None, device: str = "cpu") -> Iterator[Target]:
     """`must serve` with its worker in a temporary data dir, plus a team and a freshly adapted model."""
     must = str(Path(sys.executable).with_name("must"))
     with tempfile.TemporaryDirectory(prefix="must-load-") as directory:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MUST_")},
             "MUST_DATA_DIR": directory,
-            "MUST_DEVICE": "cpu",
+            "MUST_DEVICE": device,
             "MUST_MIN_IMAGES": "8",
             "MUST_CLASSIFY_REQUESTS_PER_SECOND": "1000000",
             "MUST_CLASSIFY_BURST": "1000000",
@@ -98,7 +99,7 @@ def embedded_service(images: Path) -> Iterator[Target]:
         port = _free_port()
         log = open(Path(directory) / "serve.log", "wb")  # noqa: SIM115 (closed in finally)
         server = subprocess.Popen(
-            [must, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [must, "serve", "--host", "127.0.0.1", "--port", str(port), *(serve_args or [])],
             env=env, cwd=directory, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
@@ -110,7 +111,7 @@ def embedded_service(images: Path) -> Iterator[Target]:
             )  # fmt: skip
             api_key = created.stdout.strip().splitlines()[-1]
             model_id, adaptation_id = _adapt(url, api_key, _pick_images(images, 16))
-            yield Target(url, api_key, model_id, adaptation_id)
+            yield Target(url, api_key, model_id, adaptation_id, server.pid)
         finally:
             server.send_signal(signal.SIGTERM)  # must serve stops its own worker
             try:

@@ -1,4 +1,4 @@
-"""The `must` command line: adapt, eval, classify (and, when the service is installed, serve/admin)."""
+"""The `must` command line: adapt, eval, classify, export (and, when the service is installed, serve/admin)."""
 
 from __future__ import annotations
 
@@ -166,6 +166,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from must_engine.onnx_export import export_artifact_onnx
+
+    if not is_artifact(Path(args.model)):
+        raise ValueError(f"{args.model} is not an adapted model directory (model.safetensors + metadata.json)")
+    out = export_artifact_onnx(Path(args.model), Path(args.out))
+    print(f"wrote {out} ({out.stat().st_size} bytes): uint8 RGB images in, class probabilities out")
+    return 0
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     predictor = _load_predictor(args.model, args.classes, args.device)
     images = [open_image(Path(path)) for path in args.images]
@@ -220,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--device", default="auto")
     classify.add_argument("--json", action="store_true")
     classify.set_defaults(handler=cmd_classify)
+
+    export = commands.add_parser("export", help="write an adapted model as ONNX (images in, probabilities out)")
+    export.add_argument("--model", required=True, help="adapted model directory")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.set_defaults(handler=cmd_export)
 
     # The service registers `serve` and `admin` here; the engine does not import it.
     for entry in entry_points(group="must.commands"):

@@ -38,6 +38,7 @@ class Predictor:
         self.classifier = classifier.eval().to(self.device)
         self.class_names = list(class_names)
         self.metadata = metadata
+        self.preprocess_config = dict(preprocess)  # size, mean, std, ...: what an ONNX export needs
         self.size = int(preprocess["size"])
         self.transform = eval_transform(self.size, preprocess["mean"], preprocess["std"])
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 64)

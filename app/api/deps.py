@@ -11,6 +11,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import authenticate
 from app.db.models import Team
@@ -20,7 +21,7 @@ from app.settings import Settings
 from app.storage import ObjectStore
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -28,11 +29,11 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+async def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
-def get_store(services: ServicesDep) -> ObjectStore:
+async def get_store(services: ServicesDep) -> ObjectStore:
     return services.store
 
 
@@ -48,10 +49,10 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from `must admin create-team`.")
 
 
-def get_current_team(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Team:
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_current_team(session: SessionDep, credentials: BearerDep) -> Team:
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise ApiError(401, "unauthorized", "missing `Authorization: Bearer <api key>` header", headers=challenge)
@@ -64,6 +65,24 @@ def get_current_team(
 CurrentTeam = Annotated[Team, Depends(get_current_team)]
 
 
+async def get_team_briefly(services: ServicesDep, credentials: BearerDep) -> Team:
+    """The caller's team, from a session closed before the route runs.
+
+    For routes that then wait (classify waits for a shared forward pass): a request must not hold a pooled
+    database connection, nor a worker thread, while it waits, or a burst of them starves the pool and every
+    request behind it times out. The lookup is one worker-thread hop.
+    """
+
+    def lookup() -> Team:
+        with services.session_factory() as session:
+            return get_current_team(session, credentials)
+
+    return await run_in_threadpool(lookup)
+
+
+TeamBriefly = Annotated[Team, Depends(get_team_briefly)]
+
+
 def _declared_query(dependant: Dependant) -> set[str]:
     names = {field.alias for field in dependant.query_params}
     for sub in dependant.dependencies:
@@ -71,11 +90,12 @@ def _declared_query(dependant: Dependant) -> set[str]:
     return names
 
 
-def check_query_parameters(request: Request) -> None:
+async def check_query_parameters(request: Request) -> None:
     """Refuse query parameters the route does not declare, and repeats: FastAPI would drop both unseen.
 
     Installed on the whole app, so it runs before authentication and before anything is read or written.
-    Every declared query parameter is a single value, so a second occurrence is refused too.
+    Every declared query parameter is a single value, so a second occurrence is refused too. Pure work on
+    the request: async, so it costs no worker-thread hop (dependencies declared with `def` each take one).
     """
     route = request.scope.get("route")
     declared = _declared_query(route.dependant) if isinstance(route, APIRoute) else set()

@@ -53,6 +53,7 @@ def test_declared_query_parameters_are_in_the_openapi_document(client: TestClien
     assert query("/models", "get") == {"limit", "after"}
     assert query("/models/{model_id}/artifact", "get") == {"presign"}
     assert query("/adaptations/{adaptation_id}/images", "get") == {"name", "size"}
+    assert query("/models/{model_id}/export", "get") == {"format"}
     assert query("/models/{model_id}/classify", "post") == {"top_k"}
     assert query("/classify", "post") == {"top_k"}
     assert query("/adaptations", "post") == set() and query("/healthz", "get") == set()

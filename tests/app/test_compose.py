@@ -93,6 +93,7 @@ def test_commands(compose: dict) -> None:
     port = api[api.index("--port") + 1]
     assert f"{port}:{port}" in services["api"]["ports"]
     assert f"127.0.0.1:{port}/readyz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert int(interpolate(api[api.index("--workers") + 1])) >= 1
 
     worker = services["worker"]["command"]
     module, _, attribute = worker[worker.index("-A") + 1].partition(":")

@@ -83,3 +83,13 @@ def test_base_model_policy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.base_model_architectures == ["proxy-cifar10-tiny", "ViT-B-16"]
     assert settings.local_weights_dirs == [Path("/models"), Path("/mnt/weights")]
+
+
+def test_rate_limits_are_shared_through_redis_when_redis_is_configured() -> None:
+    assert Settings().shared_rate_limit_url == ""  # embedded: each process keeps its own buckets
+    assert Settings(broker_url="redis://broker:6379/0").shared_rate_limit_url == "redis://broker:6379/0"
+    assert Settings(broker_url="amqp://rabbit//").shared_rate_limit_url == ""
+    explicit = Settings(broker_url="redis://broker:6379/0", rate_limit_redis_url="rediss://limits:6380/2")
+    assert explicit.shared_rate_limit_url == "rediss://limits:6380/2"
+    with pytest.raises(ValidationError, match="rate_limit_redis_url"):
+        Settings(rate_limit_redis_url="http://limits:6379")

@@ -22,7 +22,7 @@ COMMANDS = {
                         "--batches", "2", "--warmup", "1", "--device", "cpu", "--breakdown", "4"],
                        "| loader + MUST step |"),
     "classify": (["benchmarks/perf_classify.py", "--arch", "tiny", "--device", "cpu", "--batch-sizes", "1,8",
-                  "--iters", "1", "--warmup", "0", "--preprocess-threads", "2"], "| 8 |"),
+                  "--iters", "1", "--warmup", "0", "--preprocess-threads", "2", "--onnx"], "| 8 |"),
 }
 
 

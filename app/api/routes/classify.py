@@ -5,23 +5,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials
 from PIL.Image import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentTeam, ServicesDep, SessionDep
-from app.api.routes.models import owned_model
-from app.errors import ApiError
+from app.api.deps import BearerDep, ServicesDep, TeamBriefly, get_current_team
+from app.db.models import Model as ModelRow
+from app.db.models import Team
+from app.errors import ApiError, not_found
 from app.predictors import BatchingPredictor
 from app.schemas import ClassifyImages, ClassifyResponse, ImageResult, Prediction, ZeroShotClassify
+from app.services import Services
 from app.settings import Settings
-from app.uploads import MultipartForm, media_type, read_json, read_multipart
+from app.uploads import (
+    FileInMemory,
+    MultipartForm,
+    media_type,
+    multipart_boundary,
+    parse_json,
+    parse_multipart_bytes,
+    read_body,
+)
 from app.validation import (
     InputError,
     check_base_model_spec,
@@ -80,44 +88,47 @@ async def _read_input(
     json_model: type[ClassifyImages] | type[ZeroShotClassify],
     query_top_k: int | None,
 ) -> ClassifyInput:
+    """Read the body on the event loop, then parse and decode it on a worker thread (one hop)."""
+    kind = media_type(request)
+    if kind not in ("application/json", "multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
+    boundary = multipart_boundary(request) if kind == "multipart/form-data" else None
+    body = await read_body(request, settings.max_classify_bytes)
+    return await run_in_threadpool(_parse_input, body, boundary, settings, json_model, query_top_k)
+
+
+def _parse_input(
+    body: bytes,
+    boundary: bytes | None,
+    settings: Settings,
+    json_model: type[ClassifyImages] | type[ZeroShotClassify],
+    query_top_k: int | None,
+) -> ClassifyInput:
     """Parse either body form; names are checked before any image is decoded."""
     zero_shot = json_model is ZeroShotClassify
-    kind = media_type(request)
-    if kind == "application/json":
-        body, _ = await read_json(request, json_model, settings.max_classify_bytes)
-        sources: list[tuple[bytes | Path, str | None]] = [
-            (_decode_base64(text, index), None) for index, text in enumerate(body.images)
+    if boundary is None:
+        parsed, _ = parse_json(body, json_model)
+        sources: list[tuple[bytes, str | None]] = [
+            (_decode_base64(text, index), None) for index, text in enumerate(parsed.images)
         ]
-        top_k = _top_k(query_top_k, body.top_k if "top_k" in body.model_fields_set else None)
-        if isinstance(body, ZeroShotClassify):
-            return await _decode(
-                sources,
-                top_k,
-                normalize_class_names(body.class_names, settings),
-                _base_model(body.base_model, settings),
-                settings,
-            )
-        return await _decode(sources, top_k, None, None, settings)
-    if kind != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
-    settings.staging_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="classify-", dir=settings.staging_dir))
-    try:
-        form = await read_multipart(request, staging, max_files=settings.max_classify_images)
-        unknown = sorted((set(form.fields) | {upload.field for upload in form.files}) - set(json_model.model_fields))
-        if unknown:
-            raise InputError("unknown_field", f"unknown field {unknown[0]!r}", unknown[0])
-        names = class_names_from_form(form.values("class_names"), settings) if zero_shot else None
-        base_model = _base_model(form.value("base_model"), settings) if zero_shot else None
-        return await _decode(
-            [(upload.path, upload.filename) for upload in form.files_of("images")],
-            _top_k(query_top_k, _form_top_k(form)),
-            names,
-            base_model,
-            settings,
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        top_k = _top_k(query_top_k, parsed.top_k if "top_k" in parsed.model_fields_set else None)
+        if isinstance(parsed, ZeroShotClassify):
+            json_names = normalize_class_names(parsed.class_names, settings)
+            return _decode(sources, top_k, json_names, _base_model(parsed.base_model, settings), settings)
+        return _decode(sources, top_k, None, None, settings)
+    form = parse_multipart_bytes(body, boundary, max_files=settings.max_classify_images)
+    unknown = sorted((set(form.fields) | {upload.field for upload in form.files}) - set(json_model.model_fields))
+    if unknown:
+        raise InputError("unknown_field", f"unknown field {unknown[0]!r}", unknown[0])
+    names = class_names_from_form(form.values("class_names"), settings) if zero_shot else None
+    base_model = _base_model(form.value("base_model"), settings) if zero_shot else None
+    return _decode(
+        [(upload.content, upload.filename) for upload in form.files_of("images")],
+        _top_k(query_top_k, _form_top_k(form)),
+        names,
+        base_model,
+        settings,
+    )
 
 
 def _base_model(spec: str | None, settings: Settings) -> str:
@@ -136,7 +147,7 @@ def _top_k(from_query: int | None, from_body: int | None) -> int:
     return DEFAULT_TOP_K if chosen is None else chosen
 
 
-def _form_top_k(form: MultipartForm) -> int | None:
+def _form_top_k(form: MultipartForm[FileInMemory]) -> int | None:
     text = form.value("top_k")
     if text is None:
         return None
@@ -153,8 +164,8 @@ def _decode_base64(text: str, index: int) -> bytes:
         raise InputError("invalid_base64", f"image {index} is not valid base64", f"images.{index}") from exc
 
 
-async def _decode(
-    sources: list[tuple[bytes | Path, str | None]],
+def _decode(
+    sources: list[tuple[bytes, str | None]],
     top_k: int,
     class_names: list[str] | None,
     base_model: str | None,
@@ -166,18 +177,24 @@ async def _decode(
         raise InputError("too_many_images", f"at most {settings.max_classify_images} images per request", "images")
     if not 1 <= top_k <= settings.max_top_k:
         raise InputError("invalid_request", f"top_k must be between 1 and {settings.max_top_k}", "top_k")
-
-    def decode_all() -> list[Image]:
-        images = []
-        for index, (source, name) in enumerate(sources):
-            try:
-                images.append(open_image(source, filename=name))
-            except ImageError as exc:
-                raise engine_input_error(exc, f"images.{index}") from exc
-        return images
-
-    images = await run_in_threadpool(decode_all)
+    images = []
+    for index, (source, name) in enumerate(sources):
+        try:
+            images.append(open_image(source, filename=name))
+        except ImageError as exc:
+            raise engine_input_error(exc, f"images.{index}") from exc
     return ClassifyInput(images, [name for _, name in sources], top_k, class_names, base_model)
+
+
+def _team_and_model(
+    services: Services, credentials: HTTPAuthorizationCredentials | None, model_id: str
+) -> tuple[Team, ModelRow | None]:
+    """The caller's team (or 401) and its model row, in one session closed before the request waits for
+    the batcher, and one worker-thread hop. The 404 is the caller's to raise, after the rate limit."""
+    with services.session_factory() as session:
+        team = get_current_team(session, credentials)
+        row = session.get(ModelRow, model_id)
+        return team, row if row is not None and row.team_id == team.id else None
 
 
 async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[ImageResult]:
@@ -199,17 +216,20 @@ async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[I
 )
 async def classify_with_model(
     request: Request,
-    session: SessionDep,
-    team: CurrentTeam,
+    credentials: BearerDep,
     services: ServicesDep,
     model_id: str,
     top_k: TopKQuery = None,
 ) -> ClassifyResponse:
     """Top-k labels from an adapted model of the team."""
-    services.classify_limiter.check(team.id)
-    row = await run_in_threadpool(owned_model, session, team, model_id)
+    team, row = await run_in_threadpool(_team_and_model, services, credentials, model_id)
+    await services.classify_limiter.check(team.id)
+    if row is None:
+        raise not_found("model", "model_id")
     batch = await _read_input(request, services.settings, ClassifyImages, top_k)
-    predictor = await run_in_threadpool(services.predictors.for_model, row.id, row.artifact_prefix)
+    predictor = services.predictors.loaded_model(row.id)
+    if predictor is None:  # a load may take seconds: off the event loop
+        predictor = await run_in_threadpool(services.predictors.for_model, row.id, row.artifact_prefix)
     results = await _predict(predictor, batch)
     services.metrics.classified_images.labels("adapted").inc(len(results))
     return ClassifyResponse(model_id=row.id, base_model=row.base_model, results=results)
@@ -228,15 +248,17 @@ async def classify_with_model(
     ),
 )
 async def classify_zero_shot(
-    request: Request, team: CurrentTeam, services: ServicesDep, top_k: TopKQuery = None
+    request: Request, team: TeamBriefly, services: ServicesDep, top_k: TopKQuery = None
 ) -> ClassifyResponse:
     """Top-k labels from a base model's zero-shot head: the baseline an adapted model is compared with."""
-    services.classify_limiter.check(team.id)
+    await services.classify_limiter.check(team.id)
     batch = await _read_input(request, services.settings, ZeroShotClassify, top_k)
     assert batch.class_names is not None and batch.base_model is not None
     base_model = batch.base_model
     try:
-        predictor = await run_in_threadpool(services.predictors.zero_shot, base_model, batch.class_names)
+        predictor = services.predictors.loaded_zero_shot(base_model, batch.class_names)
+        if predictor is None:
+            predictor = await run_in_threadpool(services.predictors.zero_shot, base_model, batch.class_names)
     except BaseModelError as exc:
         raise engine_input_error(exc, "base_model") from exc
     results = await _predict(predictor, batch)

@@ -1,4 +1,4 @@
-"""`/models`: the team's adapted models (list, get, delete, artifact download)."""
+"""`/models`: the team's adapted models (list, get, delete, artifact download, ONNX export)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tempfile
 import zipfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
@@ -21,7 +21,7 @@ from app.db.models import Model as ModelRow
 from app.db.models import utcnow
 from app.errors import ApiError, not_found
 from app.schemas import ArtifactFileUrl, ArtifactUrls, Model, ModelList
-from app.storage import ObjectStore
+from app.storage import ObjectStore, download_prefix
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -127,3 +127,47 @@ def _zip_artifact(store: ObjectStore, row: ModelRow, scratch: Path) -> Path:
         path.unlink(missing_ok=True)
         raise
     return path
+
+
+@router.get(
+    "/{model_id}/export",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/onnx": {}}, "description": "The model as ONNX."}},
+)
+def export_model(
+    session: SessionDep,
+    team: CurrentTeam,
+    services: ServicesDep,
+    model_id: str,
+    format: Annotated[Literal["onnx"], Query(description="Only `onnx` for now.")] = "onnx",
+) -> FileResponse:
+    """The adapted classifier as one ONNX file: uint8 RGB images (batch, size, size, 3) in, class
+    probabilities out, class names and preprocessing in its metadata (see README, "Run it elsewhere")."""
+    row = owned_model(session, team, model_id)
+    session.close()  # the export takes seconds: no pooled connection held meanwhile
+    scratch = services.settings.staging_dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix="export-", suffix=".onnx", dir=scratch)
+    path = Path(name)
+    try:
+        with os.fdopen(descriptor, "wb") as handle, services.predictors.load_slot():
+            handle.write(_onnx_bytes(services.store, row, scratch))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return FileResponse(
+        path,
+        media_type="application/onnx",
+        filename=f"{row.id}.onnx",
+        background=BackgroundTask(path.unlink, missing_ok=True),
+    )
+
+
+def _onnx_bytes(store: ObjectStore, row: ModelRow, scratch: Path) -> bytes:
+    from must_engine.artifact import load_artifact
+    from must_engine.onnx_export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="export-", dir=scratch) as directory:
+        download_prefix(store, row.artifact_prefix, Path(directory))
+        classifier, metadata = load_artifact(Path(directory))
+    return export_onnx(classifier, metadata["class_names"], metadata["preprocess"], {**metadata, "model_id": row.id})
