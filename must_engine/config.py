@@ -80,6 +80,10 @@ class MustConfig:
     # Fold a per-class logit offset into the exported head that balances its predictions over the bucket
     # (must_engine/balance.py). Off in the paper's presets (the paper does not do it); on in `auto`.
     balance_classes: bool = False
+    # Images of no known class (must_engine/unknown.py). "ueo": self-training weighted by the teacher's
+    # confidence and the fairness average by its inverse (UEO, Liang et al. 2023), and the balancing above
+    # left to the images not flagged unknown. "off" (the paper's presets): the paper's MUST. On in `auto`.
+    unknown_weighting: Literal["off", "ueo"] = "off"
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -143,6 +147,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "align_target": ("cls", "nearest_k"),
     "precision": ("auto", "bf16", "fp32"),
     "export": ("teacher", "student"),
+    "unknown_weighting": ("off", "ueo"),
 }
 # Fields a job may not set: they are derived or bookkeeping.
 _NOT_OVERRIDABLE = {"notes", "input_size"}
@@ -259,6 +264,7 @@ def resolve_config(
     notes: list[str] = []
     if preset == "auto":
         values = _auto_values(num_images, num_classes, geometry)
+        values["unknown_weighting"] = "ueo"  # docs/BENCHMARKS.md, section 7 (images of no known class)
     else:
         columns = _PAPER[preset]
         column = "L" if geometry.large and "L" in columns else "B"

@@ -7,17 +7,19 @@ import torch.nn.functional as F
 
 
 def self_training_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, tau: float
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, tau: float, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy to the teacher's hard pseudo-labels where its confidence >= tau.
 
     Averaged over the confident samples only (as the reference code does); a batch with none gives an
-    exact, finite zero that still belongs to the graph, instead of the reference's NaN crash.
+    exact, finite zero that still belongs to the graph, instead of the reference's NaN crash. With
+    per-sample `weights` (must_engine/unknown.py) it is their weighted average over the confident samples.
     """
     confidence, pseudo_labels = teacher_probs.max(dim=-1)
-    keep = (confidence >= tau).to(student_logits.dtype)
+    keep = (confidence >= tau).to(torch.float32)
     per_sample = F.cross_entropy(student_logits.float(), pseudo_labels, reduction="none")
-    loss = (per_sample * keep).sum() / keep.sum().clamp(min=1.0)
+    weight = keep if weights is None else keep * weights.float()
+    loss = (per_sample * weight).sum() / weight.sum().clamp(min=1.0 if weights is None else 1e-12)
     return loss, keep.bool()
 
 

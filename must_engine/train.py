@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from must_engine.artifact import build_classifier, preprocess_metadata, save_artifact
-from must_engine.balance import balance_classes
 from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, geometry, load_base_model, parse_base_model
 from must_engine.checkpoint import (
     check_resume,
@@ -45,6 +44,7 @@ from must_engine.losses import align_distribution, align_loss, fairness_loss, mi
 from must_engine.masking import MaskGenerator
 from must_engine.models import MustModel
 from must_engine.optim import build_optimizer, build_scheduler
+from must_engine.unknown import finish_head, training_weights, weighted_mean_prediction
 from must_engine.zeroshot import zero_shot_classifier
 
 
@@ -207,13 +207,15 @@ def adapt(
 
         # ---- export: the teacher (or student), balanced over the bucket if the config says so ------
         exported = must_step.teacher.module if config.export == "teacher" else student
-        if config.balance_classes:
-            last_metrics = {**last_metrics, **balance_classes(exported.classifier, paths, preprocess, target)}
+        # balances the classes if the config says so, and fits the unknown-image threshold on the bucket
+        head_metrics, unknown = finish_head(exported.classifier, paths, preprocess, target, config)
+        last_metrics = {**last_metrics, **head_metrics}
 
     artifact = save_artifact(
         Path(out_dir), exported.classifier, class_names=class_names, base_model=spec.spec,
         model_cfg=model_cfg, preprocess=preprocess,
         config=config.to_dict(), metrics={**last_metrics, "steps": step}, exported=config.export,
+        unknown=unknown,
     )
     report(Progress(step, total_steps, config.epochs, config.epochs, last_metrics, message="artifact written"))
     return AdaptResult(artifact, last_metrics, step, resumed_from)
@@ -272,10 +274,11 @@ class MustStep:
                 logits = out.logits
             else:
                 logits = self.student(strong)
-            loss_st, confident = self_training_loss(logits, teacher_probs, config.tau)
+            weights = training_weights(teacher_probs, config.unknown_weighting)  # None: the paper's MUST
+            loss_st, confident = self_training_loss(logits, teacher_probs, config.tau, weights)
             probs = F.softmax(logits.float(), dim=-1)
             loss_fair, self.fair_running = fairness_loss(
-                probs.mean(dim=0), self.fair_running if self.fair_moving else None,
+                weighted_mean_prediction(probs, weights), self.fair_running if self.fair_moving else None,
                 config.fair_momentum if self.fair_moving else 0.0,
             )
             loss = loss_st + config.w_fair * loss_fair

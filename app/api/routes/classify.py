@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from PIL.Image import Image
@@ -19,7 +20,14 @@ from app.api.deps import CurrentTeam, ServicesDep, SessionDep
 from app.api.routes.models import owned_model
 from app.errors import ApiError
 from app.predictors import BatchingPredictor
-from app.schemas import ClassifyImages, ClassifyResponse, ImageResult, Prediction, ZeroShotClassify
+from app.schemas import (
+    MIN_SCORE_DESCRIPTION,
+    ClassifyImages,
+    ClassifyResponse,
+    ImageResult,
+    Prediction,
+    ZeroShotClassify,
+)
 from app.settings import Settings
 from app.uploads import MultipartForm, media_type, read_json, read_multipart
 from app.validation import (
@@ -41,6 +49,8 @@ TopKQuery = Annotated[
         "or JSON key, and where both are sent they must agree."
     ),
 ]
+_Number = TypeVar("_Number", int, float)
+MinScoreQuery = Annotated[float | None, Query(description=MIN_SCORE_DESCRIPTION)]
 
 
 def _request_body(json_model: str, extra_fields: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
@@ -55,6 +65,7 @@ def _request_body(json_model: str, extra_fields: dict[str, Any], required: tuple
                         "properties": {
                             "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
                             "top_k": {"type": "integer", "default": DEFAULT_TOP_K},
+                            "min_score": {"type": "number", "minimum": 0, "maximum": 1},
                             **extra_fields,
                         },
                     }
@@ -70,6 +81,7 @@ class ClassifyInput:
     images: list[Image]
     filenames: list[str | None]
     top_k: int
+    min_score: float | None  # None: the model's fitted threshold
     class_names: list[str] | None  # zero-shot only
     base_model: str | None
 
@@ -79,6 +91,7 @@ async def _read_input(
     settings: Settings,
     json_model: type[ClassifyImages] | type[ZeroShotClassify],
     query_top_k: int | None,
+    query_min_score: float | None,
 ) -> ClassifyInput:
     """Parse either body form; names are checked before any image is decoded."""
     zero_shot = json_model is ZeroShotClassify
@@ -89,15 +102,17 @@ async def _read_input(
             (_decode_base64(text, index), None) for index, text in enumerate(body.images)
         ]
         top_k = _top_k(query_top_k, body.top_k if "top_k" in body.model_fields_set else None)
+        min_score = _one_of("min_score", query_min_score, body.min_score)
         if isinstance(body, ZeroShotClassify):
             return await _decode(
                 sources,
                 top_k,
+                min_score,
                 normalize_class_names(body.class_names, settings),
                 _base_model(body.base_model, settings),
                 settings,
             )
-        return await _decode(sources, top_k, None, None, settings)
+        return await _decode(sources, top_k, min_score, None, None, settings)
     if kind != "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
     settings.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +127,7 @@ async def _read_input(
         return await _decode(
             [(upload.path, upload.filename) for upload in form.files_of("images")],
             _top_k(query_top_k, _form_top_k(form)),
+            _one_of("min_score", query_min_score, _form_min_score(form)),
             names,
             base_model,
             settings,
@@ -125,15 +141,19 @@ def _base_model(spec: str | None, settings: Settings) -> str:
 
 
 def _top_k(from_query: int | None, from_body: int | None) -> int:
-    """`top_k` may come in the query string or the body; sent in both, the two must agree."""
+    chosen = _one_of("top_k", from_query, from_body)
+    return DEFAULT_TOP_K if chosen is None else chosen
+
+
+def _one_of(name: str, from_query: _Number | None, from_body: _Number | None) -> _Number | None:
+    """A parameter may come in the query string or the body; sent in both, the two must agree."""
     if from_query is not None and from_body is not None and from_query != from_body:
         raise InputError(
             "conflicting_parameter",
-            f"top_k is {from_query} in the query string but {from_body} in the body; send one",
-            "top_k",
+            f"{name} is {from_query} in the query string but {from_body} in the body; send one",
+            name,
         )
-    chosen = from_body if from_body is not None else from_query
-    return DEFAULT_TOP_K if chosen is None else chosen
+    return from_body if from_body is not None else from_query
 
 
 def _form_top_k(form: MultipartForm) -> int | None:
@@ -146,6 +166,19 @@ def _form_top_k(form: MultipartForm) -> int | None:
         raise InputError("invalid_request", "top_k must be an integer", "top_k") from exc
 
 
+def _form_min_score(form: MultipartForm) -> float | None:
+    text = form.value("min_score")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise InputError("invalid_request", "min_score must be a number between 0 and 1", "min_score") from exc
+    if not math.isfinite(value):
+        raise InputError("invalid_request", "min_score must be a number between 0 and 1", "min_score")
+    return value
+
+
 def _decode_base64(text: str, index: int) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -156,6 +189,7 @@ def _decode_base64(text: str, index: int) -> bytes:
 async def _decode(
     sources: list[tuple[bytes | Path, str | None]],
     top_k: int,
+    min_score: float | None,
     class_names: list[str] | None,
     base_model: str | None,
     settings: Settings,
@@ -166,6 +200,8 @@ async def _decode(
         raise InputError("too_many_images", f"at most {settings.max_classify_images} images per request", "images")
     if not 1 <= top_k <= settings.max_top_k:
         raise InputError("invalid_request", f"top_k must be between 1 and {settings.max_top_k}", "top_k")
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise InputError("invalid_request", "min_score must be between 0 and 1", "min_score")
 
     def decode_all() -> list[Image]:
         images = []
@@ -177,19 +213,25 @@ async def _decode(
         return images
 
     images = await run_in_threadpool(decode_all)
-    return ClassifyInput(images, [name for _, name in sources], top_k, class_names, base_model)
+    return ClassifyInput(images, [name for _, name in sources], top_k, min_score, class_names, base_model)
 
 
 async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[ImageResult]:
-    predictions = await asyncio.wrap_future(predictor.submit(batch.images, batch.top_k))
+    results = await asyncio.wrap_future(predictor.submit(batch.images, batch.top_k, batch.min_score))
     return [
         ImageResult(
             index=index,
             filename=batch.filenames[index],
-            predictions=[Prediction(label=label, score=score) for label, score in rows],
+            predictions=[Prediction(label=label, score=score) for label, score in result.predictions],
+            ood_score=result.ood_score,
+            unknown=result.unknown,
         )
-        for index, rows in enumerate(predictions)
+        for index, result in enumerate(results)
     ]
+
+
+def _min_score(predictor: BatchingPredictor, batch: ClassifyInput) -> float:
+    return predictor.min_score if batch.min_score is None else batch.min_score
 
 
 @router.post(
@@ -204,15 +246,17 @@ async def classify_with_model(
     services: ServicesDep,
     model_id: str,
     top_k: TopKQuery = None,
+    min_score: MinScoreQuery = None,
 ) -> ClassifyResponse:
-    """Top-k labels from an adapted model of the team."""
+    """Top-k labels from an adapted model of the team, each image with its unknown decision."""
     services.classify_limiter.check(team.id)
     row = await run_in_threadpool(owned_model, session, team, model_id)
-    batch = await _read_input(request, services.settings, ClassifyImages, top_k)
+    batch = await _read_input(request, services.settings, ClassifyImages, top_k, min_score)
     predictor = await run_in_threadpool(services.predictors.for_model, row.id, row.artifact_prefix)
     results = await _predict(predictor, batch)
     services.metrics.classified_images.labels("adapted").inc(len(results))
-    return ClassifyResponse(model_id=row.id, base_model=row.base_model, results=results)
+    return ClassifyResponse(model_id=row.id, base_model=row.base_model, min_score=_min_score(predictor, batch),
+                            results=results)
 
 
 @router.post(
@@ -228,11 +272,12 @@ async def classify_with_model(
     ),
 )
 async def classify_zero_shot(
-    request: Request, team: CurrentTeam, services: ServicesDep, top_k: TopKQuery = None
+    request: Request, team: CurrentTeam, services: ServicesDep, top_k: TopKQuery = None,
+    min_score: MinScoreQuery = None,
 ) -> ClassifyResponse:
     """Top-k labels from a base model's zero-shot head: the baseline an adapted model is compared with."""
     services.classify_limiter.check(team.id)
-    batch = await _read_input(request, services.settings, ZeroShotClassify, top_k)
+    batch = await _read_input(request, services.settings, ZeroShotClassify, top_k, min_score)
     assert batch.class_names is not None and batch.base_model is not None
     base_model = batch.base_model
     try:
@@ -241,4 +286,5 @@ async def classify_zero_shot(
         raise engine_input_error(exc, "base_model") from exc
     results = await _predict(predictor, batch)
     services.metrics.classified_images.labels("zero_shot").inc(len(results))
-    return ClassifyResponse(model_id=None, base_model=base_model, results=results)
+    return ClassifyResponse(model_id=None, base_model=base_model, min_score=_min_score(predictor, batch),
+                            results=results)
