@@ -230,8 +230,9 @@ class ArtifactUrls(BaseModel):
 
 
 MIN_SCORE_DESCRIPTION = (
-    "Images whose top-1 score is below this are `unknown` (0..1); default: the threshold fitted on the model's bucket "
-    "at adaptation time (zero-shot: 0.2). Or the `min_score` query parameter; where both are sent they must agree."
+    "Images whose certainty (1 - ood_score) is below this are `unknown` (0..1); default: the threshold fitted on the "
+    "model's bucket at adaptation time (zero-shot: 0.05, i.e. nearly uniform predictions only). Or the `min_score` "
+    "query parameter; where both are sent they must agree."
 )
 
 
@@ -262,16 +263,17 @@ class ImageResult(BaseModel):
     index: int
     filename: str | None
     predictions: list[Prediction]
-    ood_score: float = Field(description="Higher = less like any class (1 - the top-1 probability).")
-    unknown: bool = Field(description="Of no known class: ood_score above the model's threshold, or the top-1 "
-                          "score below the request's min_score.")
+    ood_score: float = Field(description="Higher = less like any class: the entropy of the prediction over all "
+                             "classes divided by log(number of classes), 0..1.")
+    unknown: bool = Field(description="Of no known class: ood_score above the model's threshold, or 1 - ood_score "
+                          "below the request's min_score.")
 
 
 class ClassifyResponse(BaseModel):
     model_id: str | None
     base_model: str
-    min_score: float = Field(description="The top-1 score below which an image was called unknown: the request's, "
-                             "or the model's fitted threshold as a score.")
+    min_score: float = Field(description="The 1 - ood_score below which an image was called unknown: the "
+                             "request's, or the model's fitted threshold.")
     results: list[ImageResult]
 
 

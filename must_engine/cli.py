@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--classes", help="class names for zero-shot with a base model")
     classify.add_argument("--top-k", type=int, default=5)
     classify.add_argument("--min-score", type=float,
-                          help="call an image unknown when its top-1 score is below this (default: the model's "
-                          "threshold, fitted on its bucket)")
+                          help="call an image unknown when 1 - its ood_score is below this, 0..1 (default: the "
+                          "model's threshold, fitted on its bucket)")
     classify.add_argument("--device", default="auto")
     classify.add_argument("--json", action="store_true")
     classify.set_defaults(handler=cmd_classify)

@@ -106,7 +106,7 @@ class Predictor:
         self, images: Sequence[Image.Image], top_k: int = 5, min_score: float | None = None
     ) -> list[Classification]:
         """Top-k (label, probability) per image, highest first, with the unknown decision: the model's fitted
-        threshold, or `min_score` (the least top-1 probability an image of a known class may have)."""
+        threshold, or `min_score` (the least 1 - ood_score an image of a known class may have)."""
         if not images:
             return []
         logits = self.logits(self.preprocess(images))

@@ -4,8 +4,9 @@ per-image weights that keep such images from steering self-training.
 Score. `ood_score` is higher for an image less like any class. Candidates from the literature are all
 computed from the served logits (`SCORES`): maximum softmax probability (Hendrycks & Gimpel 2017; the score
 UEO, Liang et al. 2023, reports AUROC with), energy (Liu et al. 2020), distance to the nearest class
-embedding (1 - max cosine, as MCM, Ming et al. 2022, reads CLIP) and entropy. `OOD_SCORE` was picked by
-AUROC on the tuning kinds of the unknown-image benchmark (docs/BENCHMARKS.md, section 7).
+embedding (1 - max cosine, as MCM, Ming et al. 2022, reads CLIP) and the prediction's entropy divided by
+log K, in [0, 1]. `OOD_SCORE` (entropy) had the best AUROC on the tuning kinds of the unknown-image benchmark
+in every run measured, by 1 to 3 points (docs/BENCHMARKS.md, section 7).
 
 Threshold. A bucket's scores are a mixture: most images of the known classes and, maybe, a share of
 unknown images that score higher. `fit_threshold` fits a two-component Gaussian mixture to them (EM, no
@@ -55,13 +56,15 @@ def _entropy(logits: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Te
 
 
 SCORES: dict[str, ScoreFn] = {"msp": _msp, "energy": _energy, "max_cosine": _max_cosine, "entropy": _entropy}
-OOD_SCORE = "msp"
-# Above this share of flagged images a fitted split is not believed (the known classes are the bucket's point).
-MAX_UNKNOWN_SHARE = 0.7
+OOD_SCORE = "entropy"
+# A split that flags more than half the bucket is not believed: the known classes are the bucket's point, and
+# such a split is confident vs unconfident images of the known classes (docs/BENCHMARKS.md, section 7).
+MAX_UNKNOWN_SHARE = 0.5
 MIN_UNKNOWN_SHARE = 0.01
 CLEAN_QUANTILE = 0.99
-# No bucket to fit on (zero-shot, artifacts from before): unknown below this top-1 probability.
-DEFAULT_MIN_SCORE = 0.2
+# No bucket to fit on (zero-shot, artifacts from before): unknown only where the prediction is nearly uniform
+# (normalised entropy above 0.95), i.e. no class stands out at all.
+DEFAULT_MIN_SCORE = 0.05
 MIN_SEPARATION = 2.0
 
 
@@ -77,7 +80,8 @@ def is_unknown(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def threshold_from_min_score(min_score: float) -> float:
-    """A request's `min_score` (the least top-1 probability a known image may have) as an msp threshold."""
+    """A request's `min_score` as a threshold on ood_score: an image is unknown when 1 - ood_score (its
+    certainty: 1 for one sure class, 0 for a uniform prediction) is below min_score."""
     return 1.0 - min_score
 
 

@@ -88,30 +88,35 @@ def test_the_fitted_threshold_travels_with_the_artifact_and_decides_unknown(
                                 num_classes=3, base_model=tiny_base_model)
     adapt(dtd_subset, CLASSES, tmp_path / "m", base_model=tiny_base_model, config=config)
     fitted = read_metadata(tmp_path / "m")["unknown"]
-    assert fitted["score"] == "msp" and fitted["method"] in ("mixture", "clean_quantile")
+    assert fitted["score"] == "entropy" and fitted["method"] in ("mixture", "clean_quantile")
     assert 0.0 <= fitted["threshold"] <= 1.0
 
     predictor = Predictor.load(tmp_path / "m")
     assert predictor.unknown_threshold == fitted["threshold"]
-    images = [open_image(path) for path in sorted(dtd_subset.rglob("*.jpg"))]
+    # decoded as the bucket is at export and by the bucket's predictions (JPEG draft at twice the input size)
+    images = [open_image(path, draft_size=2 * predictor.size) for path in sorted(dtd_subset.rglob("*.jpg"))]
     results = predictor.classify_images(images, top_k=3)
     for result in results:
-        assert math.isclose(result.ood_score, 1 - result.predictions[0][1], abs_tol=1e-6)
+        probs = [score for _, score in result.predictions]  # all 3 classes
+        entropy = -sum(p * math.log(p) for p in probs) / math.log(3)
+        assert math.isclose(result.ood_score, entropy, abs_tol=1e-5)
         assert result.unknown == (result.ood_score > fitted["threshold"])
     # the share of the bucket flagged at adaptation time is what serving flags on the same images
     assert math.isclose(sum(r.unknown for r in results) / len(results), fitted["bucket_share"], abs_tol=1e-6)
 
-    # min_score overrides the fitted threshold per call: the least top-1 probability of a known image
+    # min_score overrides the fitted threshold per call: the least certainty (1 - ood_score) of a known image
     assert all(r.unknown for r in predictor.classify_images(images, min_score=1.0))
     assert not any(r.unknown for r in predictor.classify_images(images, min_score=0.0))
-    middle = sorted(r.predictions[0][1] for r in results)[len(results) // 2]
+    middle = sorted(1 - r.ood_score for r in results)[len(results) // 2]
     overridden = predictor.classify_images(images, min_score=middle)
-    assert [r.unknown for r in overridden] == [r.predictions[0][1] < middle for r in results]
+    assert [r.unknown for r in overridden] == [1 - r.ood_score < middle for r in results]
+    assert any(r.unknown for r in overridden) and not all(r.unknown for r in overridden)
 
     image = str(sorted(dtd_subset.rglob("*.jpg"))[0])
     assert main(["classify", "--model", str(tmp_path / "m"), image, "--json", "--min-score", "1"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert listing[0]["unknown"] is True and math.isclose(listing[0]["ood_score"], results[0].ood_score, rel_tol=1e-5)
+    (expected,) = predictor.classify_images([open_image(Path(image))])  # the CLI decodes at full size
+    assert listing[0]["unknown"] is True and math.isclose(listing[0]["ood_score"], expected.ood_score, rel_tol=1e-5)
     assert main(["classify", "--model", str(tmp_path / "m"), image, "--min-score", "0"]) == 0
     assert f"{image}: known (ood_score" in capsys.readouterr().out
 
@@ -120,7 +125,7 @@ def test_zero_shot_without_a_bucket_uses_the_default_min_score(tiny_base_model: 
     predictor = Predictor.zero_shot(tiny_base_model, CLASSES)
     assert predictor.unknown_threshold == threshold_from_min_score(DEFAULT_MIN_SCORE)
     results = predictor.classify_images([open_image(p) for p in sorted(dtd_subset.rglob("*.jpg"))[:4]])
-    assert all(r.unknown == (r.predictions[0][1] < DEFAULT_MIN_SCORE) for r in results)
+    assert all(r.unknown == (1 - r.ood_score < DEFAULT_MIN_SCORE) for r in results)
 
 
 def test_auto_turns_the_weighting_on_and_the_paper_presets_keep_it_off() -> None:
