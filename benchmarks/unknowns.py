@@ -55,8 +55,8 @@ def unknown_images(kind: str, n: int, seed: int, size: int = 32) -> np.ndarray:
             np.uint8)
     if kind == "flat":
         colour = rng.uniform(0, 255, (n, 1, 1, 3))
-        ramp = np.linspace(-1, 1, size)[None, :, None, None] * rng.uniform(-20, 20, (n, 1, 1, 3))
-        return np.clip(colour + ramp, 0, 255).astype(np.uint8)
+        ramp = np.linspace(-1, 1, size)[None, None, :, None] * rng.uniform(-20, 20, (n, 1, 1, 3))  # across columns
+        return np.clip(np.broadcast_to(colour + ramp, (n, size, size, 3)), 0, 255).astype(np.uint8)
     if kind == "digits":
         return np.stack([_digit(rng, size) for _ in range(n)])
     if kind == "textures":
