@@ -15,7 +15,7 @@ FPR95 = share of unknown images taken for known at the threshold that keeps 95% 
 same per unknown kind, and what the fitted label-free threshold flags.
 
     python -m benchmarks.unknowns --out runs/unknowns --jsonl runs/unknowns.jsonl
-    python -m benchmarks.unknowns --summary runs/unknowns.jsonl
+    python -m benchmarks.unknowns --summary runs/unknowns.jsonl --detail
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from benchmarks.shifts import apply_shift, shifted_test_set
 from must_engine import Predictor, adapt, resolve_job_config
 from must_engine.cli import parse_override
 from must_engine.images import find_images, open_image
-from must_engine.unknown import SCORES, fit_threshold, is_unknown, ood_score
+from must_engine.unknown import OOD_SCORE, SCORES, fit_threshold, is_unknown, ood_score
 
 KINDS = ("noise", "flat", "digits", "textures")
 HELD_OUT = "textures"
@@ -217,12 +217,28 @@ def print_summary(rows: list[dict[str, Any]], score: str) -> None:
               f"{cell(f'fpr95_{score}_all')} | {flagged} |")
 
 
+def print_detail(rows: list[dict[str, Any]]) -> None:
+    """AUROC of every candidate score per mix and variant, on the tuning kinds, the held-out kind and each kind."""
+    kinds = [k for k in KINDS if any(f"auroc_msp_{k}" in r for r in rows)]
+    groups = ["tuning", "held_out", *kinds]
+    print("| mix | variant | score | " + " | ".join(f"AUROC {g}" for g in groups) + " |")
+    print("|---" * (len(groups) + 3) + "|")
+    for row in sorted(rows, key=lambda r: (r["shift"], r["share"], VARIANTS.index(r["variant"]))):
+        if row["n_unknown"] == 0:
+            continue
+        for score in SCORES:
+            cells = [f"{100 * row[f'auroc_{score}_{g}']:.2f}" if f"auroc_{score}_{g}" in row else "-" for g in groups]
+            print(f"| {row['shift']} {round(100 * row['share'])}% | {row['variant']} | {score} | " + " | ".join(cells)
+                  + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="folder for the buckets (written once, then reused)")
     parser.add_argument("--jsonl", type=Path, help="append one row per finished run; rows already there are skipped")
     parser.add_argument("--summary", type=Path, help="print the table of this row file and exit")
-    parser.add_argument("--score", default="msp", choices=list(SCORES), help="the score the summary shows")
+    parser.add_argument("--score", default=OOD_SCORE, choices=list(SCORES), help="the score the summary shows")
+    parser.add_argument("--detail", action="store_true", help="with --summary: AUROC of every score and kind")
     parser.add_argument("--shift", default="defocus_blur")
     parser.add_argument("--known", type=int, default=1000, help="known images per bucket")
     parser.add_argument("--mixes", default=",".join(str(m) for m in MIXES), help="shares of unknown images")
@@ -235,7 +251,11 @@ def main() -> None:
     parser.add_argument("--keep-models", type=Path, help="also keep each adapted model under this folder")
     args = parser.parse_args()
     if args.summary:
-        print_summary([json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()], args.score)
+        rows = [json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()]
+        print_summary(rows, args.score)
+        if args.detail:
+            print()
+            print_detail(rows)
         return
     if args.out is None:
         parser.error("give --out (or --summary)")
