@@ -87,6 +87,7 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
                  "--device", "cpu", "--quiet", "--out", str(out), "--predictions", str(table)]) == 0
     printed = capsys.readouterr().out
     assert "24 predictions written" in printed and "estimated top-1 (" in printed
+    assert "of the images look like no known class (ood_score above" in printed
 
     with table.open() as handle:
         rows = list(csv.DictReader(handle))
