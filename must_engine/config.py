@@ -264,7 +264,7 @@ def resolve_config(
     notes: list[str] = []
     if preset == "auto":
         values = _auto_values(num_images, num_classes, geometry)
-        values["unknown_weighting"] = "ueo"  # docs/BENCHMARKS.md, section 7 (images of no known class)
+        values["unknown_weighting"] = "ueo"  # issue 12's default; its measured effect: docs/BENCHMARKS.md, section 7
     else:
         columns = _PAPER[preset]
         column = "L" if geometry.large and "L" in columns else "B"

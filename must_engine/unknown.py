@@ -6,19 +6,22 @@ computed from the served logits (`SCORES`): maximum softmax probability (Hendryc
 UEO, Liang et al. 2023, reports AUROC with), energy (Liu et al. 2020), distance to the nearest class
 embedding (1 - max cosine, as MCM, Ming et al. 2022, reads CLIP) and the prediction's entropy divided by
 log K, in [0, 1]. `OOD_SCORE` (entropy) had the best AUROC on the tuning kinds of the unknown-image benchmark
-in every run measured, by 1 to 3 points (docs/BENCHMARKS.md, section 7).
+in 5 of 6 model/mix pairs (by up to 3 points) and tied msp in the sixth (docs/BENCHMARKS.md, section 7).
 
 Threshold. A bucket's scores are a mixture: most images of the known classes and, maybe, a share of
 unknown images that score higher. `fit_threshold` fits a two-component Gaussian mixture to them (EM, no
 labels) and takes the point where the high component becomes the likelier one; when the two components do
-not separate (Ashman's D below 2, or the high one holds under 1% of the bucket) the bucket looks clean and
-the threshold is its 99th percentile, so about 1% of a clean bucket is flagged.
+not separate (Ashman's D below 2), or the split would flag under 1% or over half of the bucket (then it
+splits confident from unconfident images of the known classes), the threshold is the bucket's 99th
+percentile, so about 1% of a clean bucket is flagged.
 
 Weights. UEO weights each image by its confidence (maximum softmax probability): confident images count
 more in entropy minimisation, unconfident ones more in the marginal the fairness term spreads over the
 classes, so likely-unknown images are pushed towards "no class" instead of into one. `ueo_weights` gives
 that confidence for MUST's self-training (cross-entropy to the pseudo-label x confidence) and fairness
-(p_bar averaged with 1 / confidence) terms.
+(p_bar averaged with 1 / confidence) terms. It is the EMA teacher's confidence on the weak view, per
+micro-batch; UEO's reference code uses the zero-shot model's, fixed for the run (not tried here: on the
+proxy it barely separates known from unknown images, docs/BENCHMARKS.md, section 7).
 """
 
 from __future__ import annotations
