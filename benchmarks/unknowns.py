@@ -8,11 +8,12 @@ drawn in random colours, sizes and places) and `textures` (crops of the DTD phot
 weighting): the choices were made on the pooled AUROC of the other kinds only, and it is reported apart.
 
 Adaptation reads the whole folder without labels; only scoring reads them. Variants: `zero_shot`, `must`
-(the paper's MUST: benchmarks.quality's CALIBRATED + --set, `unknown_weighting=off`) and `must_robust`
-(the same with `unknown_weighting=ueo`). Per variant and mix: known-class top-1 (on the known images of the
-bucket), AUROC and FPR at 95% TPR of known vs unknown for every candidate score (positives = known images;
-FPR95 = share of unknown images taken for known at the threshold that keeps 95% of the known ones), the
-same per unknown kind, and what the fitted label-free threshold flags.
+(the paper's MUST: benchmarks.quality's CALIBRATED + --set, `unknown_weighting=off`), `must_robust` (the
+same with `unknown_weighting=ueo`) and `must_ueo_zero_shot` (`unknown_weighting=ueo_zero_shot`). Per
+variant and mix: known-class top-1 (on the known images of the bucket), AUROC and FPR at 95% TPR of
+known vs unknown for every candidate score (positives = known images; FPR95 = share of unknown images
+taken for known at the threshold that keeps 95% of the known ones), the same per unknown kind, and what
+the fitted label-free threshold flags.
 
     python -m benchmarks.unknowns --out runs/unknowns --jsonl runs/unknowns.jsonl
     python -m benchmarks.unknowns --summary runs/unknowns.jsonl --detail
@@ -42,7 +43,8 @@ from must_engine.unknown import OOD_SCORE, SCORES, fit_threshold, is_unknown, oo
 KINDS = ("noise", "flat", "digits", "textures")
 HELD_OUT = "textures"
 MIXES = (0.0, 0.2, 0.4)
-VARIANTS = ("zero_shot", "must", "must_robust")
+VARIANTS = ("zero_shot", "must", "must_robust", "must_ueo_zero_shot")
+WEIGHTING = {"must": "off", "must_robust": "ueo", "must_ueo_zero_shot": "ueo_zero_shot"}
 DTD_DIR = SHARED_DATASETS / "dtd10"
 
 
@@ -184,8 +186,7 @@ def run_variant(variant: str, folder: Path, class_names: list[str], *, base_mode
         predictor = Predictor.zero_shot(base_model, class_names, device=device)
         threshold = None  # fitted on the bucket's zero-shot scores, as adaptation does
     else:
-        weighting = "ueo" if variant == "must_robust" else "off"
-        config = resolve_job_config("auto", {**overrides, "unknown_weighting": weighting, "seed": seed},
+        config = resolve_job_config("auto", {**overrides, "unknown_weighting": WEIGHTING[variant], "seed": seed},
                                     num_images=len(paths), num_classes=len(class_names), base_model=base_model)
         with tempfile.TemporaryDirectory() as scratch:
             out = keep / f"{folder.name}-{variant}-{seed}" if keep is not None else Path(scratch)

@@ -82,8 +82,9 @@ class MustConfig:
     balance_classes: bool = False
     # Images of no known class (must_engine/unknown.py). "ueo": self-training weighted by the teacher's
     # confidence and the fairness average by its inverse (UEO, Liang et al. 2023), and the balancing above
-    # left to the images not flagged unknown. "off" (the paper's presets): the paper's MUST. On in `auto`.
-    unknown_weighting: Literal["off", "ueo"] = "off"
+    # left to the images not flagged unknown; "ueo_zero_shot" takes the confidence of the frozen zero-shot
+    # model instead (UEO's own choice). "off" (the paper's presets): the paper's MUST. "ueo" in `auto`.
+    unknown_weighting: Literal["off", "ueo", "ueo_zero_shot"] = "off"
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -147,7 +148,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "align_target": ("cls", "nearest_k"),
     "precision": ("auto", "bf16", "fp32"),
     "export": ("teacher", "student"),
-    "unknown_weighting": ("off", "ueo"),
+    "unknown_weighting": ("off", "ueo", "ueo_zero_shot"),
 }
 # Fields a job may not set: they are derived or bookkeeping.
 _NOT_OVERRIDABLE = {"notes", "input_size"}

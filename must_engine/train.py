@@ -44,7 +44,7 @@ from must_engine.losses import align_distribution, align_loss, fairness_loss, mi
 from must_engine.masking import MaskGenerator
 from must_engine.models import MustModel
 from must_engine.optim import build_optimizer, build_scheduler
-from must_engine.unknown import finish_head, training_weights, weighted_mean_prediction
+from must_engine.unknown import UnknownWeighting, finish_head, weighted_mean_prediction
 from must_engine.zeroshot import zero_shot_classifier
 
 
@@ -251,6 +251,7 @@ class MustStep:
         self.teacher_forward = torch.compile(self.teacher.module) if config.compile else self.teacher.module
         self.meter = _Meter()
         self.decay = config.ema_init
+        self.unknown_weights = UnknownWeighting(student.classifier, config.unknown_weighting)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -268,13 +269,13 @@ class MustStep:
                 teacher_probs, self.teacher_marginal = align_distribution(
                     teacher_probs, self.teacher_marginal, config.align_pseudo_labels
                 )
+            weights = self.unknown_weights(weak, teacher_probs)  # None: the paper's MUST
         with self.autocast():
             if config.mim:
                 out = self.forward_masked(strong, mask)
                 logits = out.logits
             else:
                 logits = self.student(strong)
-            weights = training_weights(teacher_probs, config.unknown_weighting)  # None: the paper's MUST
             loss_st, confident = self_training_loss(logits, teacher_probs, config.tau, weights)
             probs = F.softmax(logits.float(), dim=-1)
             loss_fair, self.fair_running = fairness_loss(
@@ -335,6 +336,7 @@ class MustStep:
             "scaler": None,  # bf16 autocast needs no loss scaling
             "fair_running": self.fair_running,
             "teacher_marginal": self.teacher_marginal,
+            "unknown_anchor": self.unknown_weights.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -346,6 +348,7 @@ class MustStep:
         running, marginal = state["fair_running"], state.get("teacher_marginal")
         self.fair_running = running.to(device) if running is not None else None
         self.teacher_marginal = marginal.to(device) if marginal is not None else None
+        self.unknown_weights.load_state_dict(state.get("unknown_anchor"))
 
 
 def _default_micro_batch(batch_size: int, device: torch.device) -> int:

@@ -26,6 +26,7 @@ proxy it barely separates known from unknown images, docs/BENCHMARKS.md, section
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -156,9 +157,30 @@ def weighted_mean_prediction(probs: torch.Tensor, weights: torch.Tensor | None) 
     return (probs * inverse[:, None]).sum(dim=0) / inverse.sum()
 
 
-def training_weights(teacher_probs: torch.Tensor, mode: str) -> torch.Tensor | None:
-    """Per-image weights for self-training and fairness under `config.unknown_weighting`; None = unweighted."""
-    return ueo_weights(teacher_probs) if mode == "ueo" else None
+class UnknownWeighting:
+    """Per-image weights for self-training and fairness under `config.unknown_weighting`.
+
+    "ueo": the EMA teacher's confidence; "ueo_zero_shot": the confidence of a frozen copy of the classifier
+    as training started (the zero-shot model, as UEO's reference code weights), kept in checkpoints; "off":
+    None (the paper's MUST).
+    """
+
+    def __init__(self, classifier: ImageClassifier, mode: str) -> None:
+        self.mode = mode
+        self.anchor = copy.deepcopy(classifier).eval().requires_grad_(False) if mode == "ueo_zero_shot" else None
+
+    @torch.no_grad()
+    def __call__(self, weak: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor | None:
+        if self.anchor is not None:
+            return ueo_weights(self.anchor(weak).float().softmax(dim=-1))
+        return ueo_weights(teacher_probs) if self.mode == "ueo" else None
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        return self.anchor.state_dict() if self.anchor is not None else None
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        if self.anchor is not None and state is not None:
+            self.anchor.load_state_dict(state)
 
 
 def finish_head(

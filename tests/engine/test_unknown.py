@@ -17,10 +17,10 @@ from must_engine.images import open_image
 from must_engine.losses import self_training_loss
 from must_engine.unknown import (
     DEFAULT_MIN_SCORE,
+    UnknownWeighting,
     fit_threshold,
     ood_score,
     threshold_from_min_score,
-    training_weights,
     weighted_mean_prediction,
 )
 
@@ -60,12 +60,26 @@ def test_a_bucket_of_one_population_flags_about_one_percent() -> None:
     assert math.isclose(float(fitted["bucket_share"]), 0.01, abs_tol=0.002)
 
 
-def test_ueo_weights_scale_self_training_by_the_teacher_confidence() -> None:
+def test_ueo_weights_scale_self_training_by_the_teacher_confidence(tiny_base_model: str) -> None:
+    from must_engine.base_models import load_base_model
+    from must_engine.zeroshot import zero_shot_classifier
+
+    classifier = zero_shot_classifier(load_base_model(tiny_base_model), CLASSES, "default")
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
     teacher = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.55, 0.45]])
-    weights = training_weights(teacher, "ueo")
+    weak = torch.randn(3, 3, 32, 32)
+    weights = UnknownWeighting(classifier, "ueo")(weak, teacher)
     assert weights is not None and torch.allclose(weights, torch.tensor([0.9, 0.7, 0.55]))
-    assert training_weights(teacher, "off") is None
+    assert UnknownWeighting(classifier, "off")(weak, teacher) is None
+    # UEO's own choice: the frozen zero-shot model's confidence, whatever the classifier becomes after
+    anchored = UnknownWeighting(classifier, "ueo_zero_shot")
+    expected = classifier(weak).softmax(dim=-1).max(dim=-1).values
+    with torch.no_grad():
+        classifier.head.mul_(-1.0)
+    assert torch.allclose(anchored(weak, teacher), expected.detach())
+    restored = UnknownWeighting(classifier, "ueo_zero_shot")  # as on resume: built around other weights
+    restored.load_state_dict(anchored.state_dict())
+    assert torch.allclose(restored(weak, teacher), expected.detach())
     loss, keep = self_training_loss(logits, teacher, tau=0.6, weights=weights)
     assert keep.tolist() == [True, True, False]
     ce = [math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(-1.0))]
