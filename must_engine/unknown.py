@@ -19,9 +19,9 @@ Weights. UEO weights each image by its confidence (maximum softmax probability):
 more in entropy minimisation, unconfident ones more in the marginal the fairness term spreads over the
 classes, so likely-unknown images are pushed towards "no class" instead of into one. `ueo_weights` gives
 that confidence for MUST's self-training (cross-entropy to the pseudo-label x confidence) and fairness
-(p_bar averaged with 1 / confidence) terms. It is the EMA teacher's confidence on the weak view, per
-micro-batch; UEO's reference code uses the zero-shot model's, fixed for the run (not tried here: on the
-proxy it barely separates known from unknown images, docs/BENCHMARKS.md, section 7).
+(p_bar averaged with 1 / confidence) terms: `UnknownWeighting` takes it from the EMA teacher on the weak
+view (`ueo`) or, as UEO's reference code does, from a frozen copy of the zero-shot model (`ueo_zero_shot`).
+On the tiny proxy neither helps much (docs/BENCHMARKS.md, section 7).
 """
 
 from __future__ import annotations
