@@ -42,7 +42,8 @@ def test_already_balanced_probabilities_get_no_offset() -> None:
 def test_a_balanced_run_exports_its_offsets_and_serves_with_them(
     tiny_base_model: str, dtd_subset: Path, tmp_path: Path
 ) -> None:
-    overrides = {"epochs": 1, "batch_size": 8, "num_workers": 0, "mim": False}
+    # unknown_weighting off: balance over the whole bucket (with it on, images flagged unknown are left out)
+    overrides = {"epochs": 1, "batch_size": 8, "num_workers": 0, "mim": False, "unknown_weighting": "off"}
     runs = {}
     for balance in (False, True):
         config = resolve_config(overrides={**overrides, "balance_classes": balance}, num_images=24, num_classes=3,
