@@ -25,16 +25,19 @@ from PIL.Image import Image
 
 from app.storage import ObjectStore, download_prefix
 from must_engine import Predictor
+from must_engine.predictor import Classification
+from must_engine.unknown import threshold_from_min_score
 
 log = logging.getLogger(__name__)
 
-Predictions = list[list[tuple[str, float]]]
+Predictions = list[Classification]
 
 
 @dataclass
 class _Request:
     images: Sequence[Image]
     top_k: int
+    min_score: float | None
     future: Future[Predictions] = field(default_factory=Future)
 
 
@@ -42,7 +45,8 @@ class BatchingPredictor:
     """Runs one predictor on a daemon thread, merging queued requests into batches.
 
     Waiting up to `wait_seconds` after a batch's first request lets concurrent requests join its forward
-    pass; results are computed at the largest requested k and cut back per request.
+    pass; results are computed at the largest requested k and cut back per request, and a request's
+    `min_score` decides its own images' `unknown` from their ood_score.
     """
 
     def __init__(self, predictor: Predictor, *, max_batch_images: int, wait_seconds: float) -> None:
@@ -57,8 +61,13 @@ class BatchingPredictor:
     def class_names(self) -> list[str]:
         return self.predictor.class_names
 
-    def submit(self, images: Sequence[Image], top_k: int) -> Future[Predictions]:
-        request = _Request(images, top_k)
+    @property
+    def min_score(self) -> float:
+        """The top-1 score below which an image is unknown when a request does not say: the model's threshold."""
+        return 1.0 - self.predictor.unknown_threshold
+
+    def submit(self, images: Sequence[Image], top_k: int, min_score: float | None = None) -> Future[Predictions]:
+        request = _Request(images, top_k, min_score)
         self._queue.put(request)
         return request.future
 
@@ -92,7 +101,7 @@ class BatchingPredictor:
     def _run(self, batch: list[_Request]) -> None:
         images = [image for request in batch for image in request.images]
         try:
-            predictions = self.predictor.classify(images, top_k=max(request.top_k for request in batch))
+            predictions = self.predictor.classify_images(images, top_k=max(request.top_k for request in batch))
         except Exception as exc:
             for request in batch:
                 request.future.set_exception(exc)
@@ -100,8 +109,14 @@ class BatchingPredictor:
         start = 0
         for request in batch:
             rows = predictions[start : start + len(request.images)]
-            request.future.set_result([row[: request.top_k] for row in rows])
+            request.future.set_result([_for_request(row, request) for row in rows])
             start += len(request.images)
+
+
+def _for_request(result: Classification, request: _Request) -> Classification:
+    unknown = result.unknown if request.min_score is None else (
+        result.ood_score > threshold_from_min_score(request.min_score))
+    return Classification(result.predictions[: request.top_k], result.ood_score, unknown)
 
 
 def _zero_shot_key(base_model: str, class_names: list[str]) -> str:

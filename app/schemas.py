@@ -206,6 +206,10 @@ class BucketPrediction(BaseModel):
     predictions: list[Prediction]
     zero_shot: list[Prediction]
     changed: bool
+    ood_score: float | None = Field(
+        default=None, description="Higher = less like any class; null for buckets labelled before it existed.")
+    unknown: bool | None = Field(
+        default=None, description="ood_score above the model's threshold (fitted on the bucket); null as ood_score.")
 
 
 class BucketPredictionList(BaseModel):
@@ -225,11 +229,19 @@ class ArtifactUrls(BaseModel):
     files: list[ArtifactFileUrl]
 
 
+MIN_SCORE_DESCRIPTION = (
+    "Images whose certainty (1 - ood_score) is below this are `unknown` (0..1); default: the threshold fitted on the "
+    "model's bucket at adaptation time (zero-shot: 0.05, i.e. nearly uniform predictions only). Or the `min_score` "
+    "query parameter; where both are sent they must agree."
+)
+
+
 class ClassifyImages(StrictBody):
     """JSON form of `POST /models/{id}/classify`: base64-encoded image bytes."""
 
     images: list[str] = Field(min_length=1)
     top_k: int = Field(default=5, description="Or the `top_k` query parameter; where both are sent they must agree.")
+    min_score: float | None = Field(default=None, description=MIN_SCORE_DESCRIPTION)
 
 
 class ZeroShotClassify(StrictBody):
@@ -239,6 +251,7 @@ class ZeroShotClassify(StrictBody):
     class_names: list[str]
     base_model: str | None = None
     top_k: int = Field(default=5, description="Or the `top_k` query parameter; where both are sent they must agree.")
+    min_score: float | None = Field(default=None, description=MIN_SCORE_DESCRIPTION)
 
 
 class Prediction(BaseModel):
@@ -250,11 +263,17 @@ class ImageResult(BaseModel):
     index: int
     filename: str | None
     predictions: list[Prediction]
+    ood_score: float = Field(description="Higher = less like any class: the entropy of the prediction over all "
+                             "classes divided by log(number of classes), 0..1.")
+    unknown: bool = Field(description="Of no known class: ood_score above the model's threshold, or 1 - ood_score "
+                          "below the request's min_score.")
 
 
 class ClassifyResponse(BaseModel):
     model_id: str | None
     base_model: str
+    min_score: float = Field(description="The 1 - ood_score below which an image was called unknown: the "
+                             "request's, or the model's fitted threshold.")
     results: list[ImageResult]
 
 

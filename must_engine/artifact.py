@@ -44,9 +44,12 @@ def preprocess_metadata(preprocess_cfg: dict[str, Any], input_size: int) -> dict
 def save_artifact(
     directory: Path, classifier: ImageClassifier, *, class_names: list[str], base_model: str,
     model_cfg: dict[str, Any], preprocess: dict[str, Any], config: dict[str, Any], metrics: dict[str, Any],
-    exported: str,
+    exported: str, unknown: dict[str, Any] | None = None,
 ) -> Path:
-    """Write weights then metadata (metadata last: its presence marks a complete artifact)."""
+    """Write weights then metadata (metadata last: its presence marks a complete artifact).
+
+    `unknown`: the score and threshold for images of no known class, fitted on the bucket (must_engine/unknown.py).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in classifier.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
@@ -62,6 +65,8 @@ def save_artifact(
         "metrics": metrics,
         "exported": exported,
     }
+    if unknown is not None:
+        metadata["unknown"] = unknown
     temporary = directory / (METADATA_FILE + ".tmp")
     temporary.write_text(json.dumps(metadata, indent=2))
     os.replace(temporary, directory / METADATA_FILE)

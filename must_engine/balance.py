@@ -35,11 +35,11 @@ def sinkhorn_class_bias(probs: torch.Tensor, iterations: int = 100) -> torch.Ten
 
 
 @torch.inference_mode()
-def bucket_probabilities(
+def bucket_logits(
     classifier: ImageClassifier, paths: Sequence[Path], preprocess: dict[str, Any], device: torch.device,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """(N, K) probabilities of every readable bucket image, with the serving preprocessing (center crop)."""
+    """(N, K) logits of every readable bucket image, with the serving preprocessing (center crop), on the CPU."""
     transform = eval_transform(preprocess["size"], preprocess["mean"], preprocess["std"])
     was_training = classifier.training
     classifier.eval()
@@ -50,25 +50,23 @@ def bucket_probabilities(
             with contextlib.suppress(ImageError):  # unreadable since validation: it carries no signal
                 images.append(open_image(path, draft_size=2 * preprocess["size"]))
         if images:
-            logits = classifier(to_batch(images, transform).to(device))
-            chunks.append(logits.softmax(dim=-1).cpu())
+            chunks.append(classifier(to_batch(images, transform).to(device)).float().cpu())
     classifier.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0, classifier.num_classes)
 
 
 def balance_classes(
-    classifier: ImageClassifier, paths: Sequence[Path], preprocess: dict[str, Any], device: torch.device
+    classifier: ImageClassifier, logits: torch.Tensor, known: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Add the bucket's balancing offsets to `classifier.class_bias`; returns label-free figures of the change.
-
-    Added, not set: the probabilities already include the current offsets, so Sinkhorn finds the remainder.
-    """
-    probs = bucket_probabilities(classifier, paths, preprocess, device)
+    """Set `classifier.class_bias` from the bucket's (N, K) logits (made with a zero bias), balancing over the
+    images `known` marks (all when None); returns label-free figures of what it changed."""
+    probs = logits.softmax(dim=-1)
+    if known is not None and int(known.sum()) >= classifier.num_classes:
+        probs = probs[known]
     bias = sinkhorn_class_bias(probs)
     before = probs.argmax(dim=-1)
     after = (probs.clamp(min=1e-12).log() + bias).argmax(dim=-1)
-    total = classifier.class_bias + bias.to(classifier.class_bias.device)
-    classifier.class_bias.copy_(total - total.mean())
+    classifier.class_bias.copy_(bias.to(classifier.class_bias.device))
     counts = torch.bincount(after, minlength=classifier.num_classes).float()
     return {
         "balance_changed": float((before != after).float().mean()),  # share of bucket predictions moved

@@ -24,10 +24,11 @@ from must_engine.artifact import METADATA_FILE, read_metadata
 from must_engine.base_models import FetchWeights
 from must_engine.estimate import BucketEvidence
 from must_engine.images import open_image
-from must_engine.predictor import Prediction, Predictor
+from must_engine.predictor import Prediction, Predictor, top_predictions
+from must_engine.unknown import is_unknown
 
 # Columns of the CSV form of a row: the top-1 of each model (the JSONL form carries the top-k lists).
-CSV_COLUMNS = ("image", "label", "score", "zero_shot_label", "zero_shot_score", "changed")
+CSV_COLUMNS = ("image", "label", "score", "zero_shot_label", "zero_shot_score", "changed", "ood_score", "unknown")
 DEFAULT_TOP_K = 5
 
 NamedPath = tuple[Path, str]  # a file on disk and the name its owner knows it by
@@ -35,11 +36,14 @@ NamedPath = tuple[Path, str]  # a file on disk and the name its owner knows it b
 
 @dataclass(frozen=True)
 class LabelledBatch:
-    """One batch of images with both models' full class probabilities (rows of (B, K))."""
+    """One batch of images with both models' full class probabilities (rows of (B, K)) and the adapted
+    model's ood_score and unknown decision per image (must_engine/unknown.py)."""
 
     names: list[str]
     adapted: torch.Tensor
     zero_shot: torch.Tensor
+    ood_scores: torch.Tensor
+    unknown: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class BucketRow:
     image: str
     predictions: Prediction
     zero_shot: Prediction
+    ood_score: float
+    unknown: bool
 
     @property
     def changed(self) -> bool:
@@ -58,6 +64,8 @@ class BucketRow:
             "predictions": [{"label": label, "score": score} for label, score in self.predictions],
             "zero_shot": [{"label": label, "score": score} for label, score in self.zero_shot],
             "changed": self.changed,
+            "ood_score": self.ood_score,
+            "unknown": self.unknown,
         }
 
 
@@ -79,10 +87,13 @@ def label_bucket(
     metadata = adapted.metadata
     zero_shot = zero_shot_of(adapted, device=device, fetch_weights=fetch_weights)
     evidence = BucketEvidence(adapted.class_names)
+    flagged = 0
     for batch in label_batches(ordered, adapted, zero_shot, batch_size=batch_size, on_progress=on_progress):
         evidence.add(batch.adapted, batch.zero_shot)
+        flagged += int(batch.unknown.sum())
         on_rows(rows_of(batch, adapted.class_names, top_k))
     report = evidence.report(training_metrics=metadata.get("metrics"))
+    report["unknown"] = {"threshold": adapted.unknown_threshold, "share": flagged / len(ordered) if ordered else 0.0}
     write_report(artifact_dir, report)
     return report
 
@@ -128,26 +139,24 @@ def label_batches(
             decoded = [future.result() for future in pending]
             if start + batch_size < len(images):
                 pending = decode(start + batch_size)
+            logits = adapted.logits(adapted.preprocess(decoded))
+            scores = adapted.ood_scores(logits)
             yield LabelledBatch(
                 names=[name for _, name in images[start : start + batch_size]],
-                adapted=adapted.probabilities(adapted.preprocess(decoded)),
+                adapted=logits.softmax(dim=-1),
                 zero_shot=zero_shot.probabilities(zero_shot.preprocess(decoded)),
+                ood_scores=scores,
+                unknown=is_unknown(scores, adapted.unknown_threshold),
             )
             if on_progress is not None:
                 on_progress(start + len(decoded), len(images))
 
 
-def top_k(probabilities: torch.Tensor, class_names: Sequence[str], k: int) -> list[Prediction]:
-    scores, indices = probabilities.topk(max(1, min(k, len(class_names))), dim=-1)
-    return [
-        [(class_names[i], float(s)) for s, i in zip(row_scores, row_indices, strict=True)]
-        for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
-    ]
-
-
 def rows_of(batch: LabelledBatch, class_names: Sequence[str], k: int = DEFAULT_TOP_K) -> list[BucketRow]:
-    adapted, zero_shot = top_k(batch.adapted, class_names, k), top_k(batch.zero_shot, class_names, k)
-    return [BucketRow(*row) for row in zip(batch.names, adapted, zero_shot, strict=True)]
+    adapted = top_predictions(batch.adapted, class_names, k)
+    zero_shot = top_predictions(batch.zero_shot, class_names, k)
+    return [BucketRow(*row) for row in zip(batch.names, adapted, zero_shot, batch.ood_scores.tolist(),
+                                            batch.unknown.tolist(), strict=True)]
 
 
 def jsonl_line(row: dict[str, Any]) -> str:
@@ -159,10 +168,13 @@ def csv_header() -> str:
 
 
 def csv_line(row: dict[str, Any]) -> str:
-    """A row's JSON form (as stored in predictions.jsonl) as one CSV line: both models' top-1."""
+    """A row's JSON form (as stored in predictions.jsonl) as one CSV line: both models' top-1, the unknown
+    decision (rows stored before it existed leave its two cells empty)."""
     best, zero = row["predictions"][0], row["zero_shot"][0]
+    ood = f"{row['ood_score']:.6f}" if "ood_score" in row else ""
+    unknown = ("true" if row["unknown"] else "false") if "unknown" in row else ""
     return _csv_line((row["image"], best["label"], f"{best['score']:.6f}", zero["label"],
-                      f"{zero['score']:.6f}", "true" if row["changed"] else "false"))
+                      f"{zero['score']:.6f}", "true" if row["changed"] else "false", ood, unknown))
 
 
 class RowsFile:

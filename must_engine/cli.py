@@ -148,6 +148,8 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
     estimate = report["estimated_top1"]
     print(f"{sink.count} predictions written to {out}; "
           f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot")
+    print(f"{100 * report['unknown']['share']:.1f}% of the images look like no known class "
+          f"(ood_score above {report['unknown']['threshold']:.3f})")
     print(f"estimated top-1 ({estimate['estimator']}, label-free): adapted {100 * estimate['adapted']:.1f}%, "
           f"zero-shot {100 * estimate['zero_shot']:.1f}%  [{estimate['measured_error']['summary']}]")
 
@@ -179,15 +181,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     predictor = _load_predictor(args.model, args.classes, args.device)
     images = [open_image(Path(path)) for path in args.images]
-    results = predictor.classify(images, top_k=args.top_k)
+    if args.min_score is not None and not 0.0 <= args.min_score <= 1.0:
+        raise ValueError("--min-score must be between 0 and 1")
+    results = predictor.classify_images(images, top_k=args.top_k, min_score=args.min_score)
     if args.json:
         print(json.dumps([
-            {"filename": path, "predictions": [{"label": label, "score": score} for label, score in preds]}
-            for path, preds in zip(args.images, results, strict=True)
+            {"filename": path, "predictions": [{"label": label, "score": score} for label, score in r.predictions],
+             "ood_score": r.ood_score, "unknown": r.unknown}
+            for path, r in zip(args.images, results, strict=True)
         ]))
     else:
-        for path, preds in zip(args.images, results, strict=True):
-            print(f"{path}: " + ", ".join(f"{label} {score:.3f}" for label, score in preds))
+        for path, r in zip(args.images, results, strict=True):
+            verdict = f"UNKNOWN (ood_score {r.ood_score:.3f})" if r.unknown else f"known (ood_score {r.ood_score:.3f})"
+            print(f"{path}: {verdict}: " + ", ".join(f"{label} {score:.3f}" for label, score in r.predictions))
     return 0
 
 
@@ -227,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("images", nargs="+")
     classify.add_argument("--classes", help="class names for zero-shot with a base model")
     classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--min-score", type=float,
+                          help="call an image unknown when 1 - its ood_score is below this, 0..1 (default: the "
+                          "model's threshold, fitted on its bucket)")
     classify.add_argument("--device", default="auto")
     classify.add_argument("--json", action="store_true")
     classify.set_defaults(handler=cmd_classify)

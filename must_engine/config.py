@@ -84,6 +84,13 @@ class MustConfig:
     # have the uniform class marginal the fairness term assumes instead of the shift's skew (OTTER, Chiang et
     # al. 2024: Sinkhorn label-distribution correction of zero-shot CLIP). Off in the paper's presets.
     balance_init: bool = False
+    # Images of no known class (must_engine/unknown.py). "ueo": self-training weighted by the teacher's
+    # confidence and the fairness average by its inverse (UEO, Liang et al. 2023), and the balancing above
+    # left to the images not flagged unknown; "ueo_zero_shot" takes the confidence of the frozen zero-shot
+    # model instead (UEO's own choice). "off": the paper's MUST, in every preset and in `auto` too: neither
+    # weighting kept unknown images from pulling known-class accuracy down better than the paper's MUST on the
+    # proxy benchmark (docs/BENCHMARKS.md, section 9), and `auto`'s quality table is measured without it.
+    unknown_weighting: Literal["off", "ueo", "ueo_zero_shot"] = "off"
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -147,6 +154,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "align_target": ("cls", "nearest_k"),
     "precision": ("auto", "bf16", "fp32"),
     "export": ("teacher", "student"),
+    "unknown_weighting": ("off", "ueo", "ueo_zero_shot"),
 }
 # Fields a job may not set: they are derived or bookkeeping.
 _NOT_OVERRIDABLE = {"notes", "input_size"}

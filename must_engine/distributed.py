@@ -37,9 +37,9 @@ from must_engine.models import MustModel
 class LocalBatch:
     """Statistics of the micro-batch this process holds; with one process, the whole micro-batch."""
 
-    def mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """total / count (count at least 1): the micro-batch mean of a per-sample sum."""
-        return total / count.clamp(min=1.0)
+    def mean(self, total: torch.Tensor, count: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
+        """total / count (count at least `floor`): the micro-batch mean of a per-sample sum."""
+        return total / count.clamp(min=floor)
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
         """Per-sample rows (B, ...) of the whole micro-batch."""
@@ -62,10 +62,10 @@ class GlobalBatch(LocalBatch):
         self.group = group
         self.world_size = world_size
 
-    def mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def mean(self, total: torch.Tensor, count: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
         count = count.detach().float().clone()
         dist.all_reduce(count, group=self.group)
-        return self.world_size * total / count.clamp(min=1.0)
+        return self.world_size * total / count.clamp(min=floor)
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
         # The functional collective carries the gradient (torch.distributed.nn.functional.all_gather is its

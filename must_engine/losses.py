@@ -9,18 +9,21 @@ from must_engine.distributed import LOCAL_BATCH, LocalBatch
 
 
 def self_training_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, tau: float, batch: LocalBatch = LOCAL_BATCH
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, tau: float, batch: LocalBatch = LOCAL_BATCH,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy to the teacher's hard pseudo-labels where its confidence >= tau.
 
     Averaged over the confident samples only (as the reference code does); a batch with none gives an
     exact, finite zero that still belongs to the graph, instead of the reference's NaN crash.
     `batch` says which micro-batch the mean is over (must_engine/distributed.py: the global one on N ranks).
+    With per-sample `weights` (must_engine/unknown.py) it is their weighted average over the confident samples.
     """
     confidence, pseudo_labels = teacher_probs.max(dim=-1)
-    keep = (confidence >= tau).to(student_logits.dtype)
+    keep = (confidence >= tau).to(torch.float32)
     per_sample = F.cross_entropy(student_logits.float(), pseudo_labels, reduction="none")
-    loss = batch.mean((per_sample * keep).sum(), keep.sum())
+    weight = keep if weights is None else keep * weights.float()
+    loss = batch.mean((per_sample * weight).sum(), weight.sum(), floor=1.0 if weights is None else 1e-12)
     return loss, keep.bool()
 
 

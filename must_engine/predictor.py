@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from must_engine.augment import eval_transform, to_batch
 from must_engine.base_models import FetchWeights
 from must_engine.config import pick_device
 from must_engine.models import ImageClassifier
+from must_engine.unknown import DEFAULT_MIN_SCORE, is_unknown, ood_score, threshold_from_min_score
 
 Prediction = list[tuple[str, float]]
 
@@ -74,8 +76,8 @@ class Predictor:
         return torch.stack(list(self._pool.map(self.transform, images)))
 
     @torch.inference_mode()
-    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed pixels -> (B, K) class probabilities, computed in batches."""
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed pixels -> (B, K) fp32 logits on the CPU, computed in batches."""
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
@@ -83,17 +85,57 @@ class Predictor:
         with autocast:
             for start in range(0, len(pixels), self.batch_size):
                 chunk = pixels[start : start + self.batch_size].to(self.device, non_blocking=True)
-                outputs.append(self.classifier(chunk).float().softmax(dim=-1).cpu())
+                outputs.append(self.classifier(chunk).float().cpu())
         return torch.cat(outputs) if outputs else torch.empty(0, len(self.class_names))
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed pixels -> (B, K) class probabilities."""
+        return self.logits(pixels).softmax(dim=-1)
+
+    @property
+    def unknown_threshold(self) -> float:
+        """The ood_score above which an image is of no known class: fitted on the bucket at adaptation time,
+        or the no-bucket default for zero-shot models and artifacts made before it was fitted."""
+        fitted = self.metadata.get("unknown")
+        return float(fitted["threshold"]) if fitted else threshold_from_min_score(DEFAULT_MIN_SCORE)
+
+    def ood_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits of this predictor -> (B,) scores, higher = less like any class."""
+        return ood_score(logits, self.classifier.class_bias.detach().cpu(), float(self.classifier.logit_scale))
+
+    def classify_images(
+        self, images: Sequence[Image.Image], top_k: int = 5, min_score: float | None = None
+    ) -> list[Classification]:
+        """Top-k (label, probability) per image, highest first, with the unknown decision: the model's fitted
+        threshold, or `min_score` (the least 1 - ood_score an image of a known class may have)."""
+        if not images:
+            return []
+        logits = self.logits(self.preprocess(images))
+        scores = self.ood_scores(logits)
+        threshold = self.unknown_threshold if min_score is None else threshold_from_min_score(min_score)
+        flags = is_unknown(scores, threshold).tolist()
+        return [
+            Classification(row, score, flag)
+            for row, score, flag in zip(top_predictions(logits.softmax(dim=-1), self.class_names, top_k),
+                                        scores.tolist(), flags, strict=True)
+        ]
 
     def classify(self, images: Sequence[Image.Image], top_k: int = 5) -> list[Prediction]:
         """Top-k (label, probability) per image, highest first."""
-        if not images:
-            return []
-        probs = self.probabilities(self.preprocess(images))
-        k = max(1, min(top_k, len(self.class_names)))
-        scores, indices = probs.topk(k, dim=-1)
-        return [
-            [(self.class_names[i], float(s)) for s, i in zip(row_scores, row_indices, strict=True)]
-            for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
-        ]
+        return [result.predictions for result in self.classify_images(images, top_k)]
+
+
+@dataclass(frozen=True)
+class Classification:
+    predictions: Prediction
+    ood_score: float  # higher = less like any class (must_engine/unknown.py)
+    unknown: bool
+
+
+def top_predictions(probabilities: torch.Tensor, class_names: Sequence[str], k: int) -> list[Prediction]:
+    """(N, K) probabilities -> the top-k (label, probability) of each row, highest first."""
+    scores, indices = probabilities.topk(max(1, min(k, len(class_names))), dim=-1)
+    return [
+        [(class_names[i], float(s)) for s, i in zip(row_scores, row_indices, strict=True)]
+        for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True)
+    ]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from must_engine.artifact import build_classifier, preprocess_metadata, save_artifact
-from must_engine.balance import balance_classes
+from must_engine.balance import balance_classes, bucket_logits
 from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, geometry, load_base_model, parse_base_model
 from must_engine.checkpoint import (
     check_resume,
@@ -46,6 +46,7 @@ from must_engine.losses import align_distribution, align_loss, fairness_loss, mi
 from must_engine.masking import MaskGenerator
 from must_engine.models import MustModel
 from must_engine.optim import build_optimizer, build_scheduler
+from must_engine.unknown import UnknownWeighting, finish_head, weighted_mean_prediction
 from must_engine.zeroshot import zero_shot_classifier
 
 
@@ -134,7 +135,7 @@ def adapt(
         preprocess = preprocess_metadata(preprocess_cfg, config.input_size)
         init_metrics: dict[str, float] = {}
         if checkpoint is None and config.balance_init:  # a resumed head already holds its offsets
-            balanced = balance_classes(classifier.to(target), paths, preprocess, target)
+            balanced = balance_classes(classifier, bucket_logits(classifier.to(target), paths, preprocess, target))
             init_metrics = {f"init_{name}": value for name, value in balanced.items()}
         student = MustModel(classifier, seed=config.seed).to(target)
 
@@ -222,14 +223,16 @@ def adapt(
             return AdaptResult(Path(out_dir), last_metrics, step, resumed_from)
         # ---- export: the teacher (or student), balanced over the bucket if the config says so ------
         exported = must_step.teacher.module if config.export == "teacher" else student
-        if config.balance_classes:
-            last_metrics = {**last_metrics, **balance_classes(exported.classifier, paths, preprocess, target)}
+        # balances the classes if the config says so, and fits the unknown-image threshold on the bucket
+        head_metrics, unknown = finish_head(exported.classifier, paths, preprocess, target, config)
+        last_metrics = {**last_metrics, **head_metrics}
 
     last_metrics = {**init_metrics, **last_metrics}
     artifact = save_artifact(
         Path(out_dir), exported.classifier, class_names=class_names, base_model=spec.spec,
         model_cfg=model_cfg, preprocess=preprocess,
         config=config.to_dict(), metrics={**last_metrics, "steps": step}, exported=config.export,
+        unknown=unknown,
     )
     report(Progress(step, total_steps, config.epochs, config.epochs, last_metrics, message="artifact written"))
     return AdaptResult(artifact, last_metrics, step, resumed_from)
@@ -268,6 +271,7 @@ class MustStep:
         self.meter = _Meter()
         self.pseudo_labels: list[float] | None = None
         self.decay = config.ema_init
+        self.unknown_weights = UnknownWeighting(student.classifier, config.unknown_weighting)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -285,16 +289,18 @@ class MustStep:
                 teacher_probs, self.teacher_marginal = align_distribution(
                     teacher_probs, self.teacher_marginal, config.align_pseudo_labels, self.batch
                 )
+            weights = self.unknown_weights(weak, teacher_probs)  # None: the paper's MUST
         with self.autocast():
             if config.mim:
                 out = self.forward_masked(strong, mask)
                 logits = out.logits
             else:
                 logits = self.replica.plain(strong)
-            loss_st, confident = self_training_loss(logits, teacher_probs, config.tau, self.batch)
+            loss_st, confident = self_training_loss(logits, teacher_probs, config.tau, self.batch, weights)
             probs = F.softmax(logits.float(), dim=-1)
             loss_fair, self.fair_running = fairness_loss(
-                self.batch.rows(probs).mean(dim=0), self.fair_running if self.fair_moving else None,
+                weighted_mean_prediction(self.batch.rows(probs), None if weights is None else self.batch.rows(weights)),
+                self.fair_running if self.fair_moving else None,
                 config.fair_momentum if self.fair_moving else 0.0,
             )
             loss = loss_st + config.w_fair * loss_fair
@@ -355,6 +361,7 @@ class MustStep:
             "scaler": None,  # bf16 autocast needs no loss scaling
             "fair_running": self.fair_running,
             "teacher_marginal": self.teacher_marginal,
+            "unknown_anchor": self.unknown_weights.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -366,6 +373,7 @@ class MustStep:
         running, marginal = state["fair_running"], state.get("teacher_marginal")
         self.fair_running = running.to(device) if running is not None else None
         self.teacher_marginal = marginal.to(device) if marginal is not None else None
+        self.unknown_weights.load_state_dict(state.get("unknown_anchor"))
 
 
 def _default_micro_batch(batch_size: int, device: torch.device) -> int:

@@ -54,8 +54,8 @@ def test_declared_query_parameters_are_in_the_openapi_document(client: TestClien
     assert query("/models/{model_id}/artifact", "get") == {"presign"}
     assert query("/adaptations/{adaptation_id}/images", "get") == {"name", "size"}
     assert query("/models/{model_id}/export", "get") == {"format"}
-    assert query("/models/{model_id}/classify", "post") == {"top_k"}
-    assert query("/classify", "post") == {"top_k"}
+    assert query("/models/{model_id}/classify", "post") == {"top_k", "min_score"}
+    assert query("/classify", "post") == {"top_k", "min_score"}
     assert query("/adaptations", "post") == set() and query("/healthz", "get") == set()
 
 
@@ -181,6 +181,43 @@ def test_zero_shot_top_k_from_query_form_or_json(client: TestClient, team, dtd_i
     _refused(conflict, "conflicting_parameter", "top_k")  # 5 sent explicitly is not the default
     _refused(client.post("/classify?top_k=0", headers=team.headers, json=as_json), "invalid_request", "top_k")
     _refused(client.post("/classify?top_k=x", headers=team.headers, json=as_json), "invalid_request", "top_k")
+
+
+def test_zero_shot_min_score_from_query_form_or_json(client: TestClient, team, dtd_images, base_model: str) -> None:
+    from must_engine.unknown import DEFAULT_MIN_SCORE
+
+    names = ["banded", "blotchy", "braided"]
+    form = {"class_names": json.dumps(names), "base_model": base_model}
+    images = [base64.b64encode(path.read_bytes()).decode() for path in dtd_images.paths(2)]
+    as_json = {"images": images, "class_names": names, "base_model": base_model}
+    files = _image_files(dtd_images)
+
+    def decisions(response: Any) -> tuple[float, list[bool]]:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        for result in body["results"]:
+            assert 0.0 <= result["ood_score"] <= 1.0
+            assert result["unknown"] == (1 - result["ood_score"] < body["min_score"])
+        return body["min_score"], [result["unknown"] for result in body["results"]]
+
+    default = decisions(client.post("/classify", headers=team.headers, data=form, files=files))[0]
+    assert default == pytest.approx(DEFAULT_MIN_SCORE)
+    assert decisions(client.post("/classify?min_score=1", headers=team.headers, data=form, files=files)) == (
+        1.0, [True, True])
+    assert decisions(client.post("/classify", headers=team.headers, data={**form, "min_score": "0"}, files=files)) == (
+        0.0, [False, False])
+    assert decisions(client.post("/classify", headers=team.headers, json={**as_json, "min_score": 1})) == (
+        1.0, [True, True])
+    agreeing = client.post("/classify?min_score=0.5", headers=team.headers, json={**as_json, "min_score": 0.5})
+    assert decisions(agreeing)[0] == 0.5
+
+    conflict = client.post("/classify?min_score=0.5", headers=team.headers, json={**as_json, "min_score": 0.7})
+    _refused(conflict, "conflicting_parameter", "min_score")
+    for bad in ("1.5", "-0.1", "nan"):
+        _refused(client.post(f"/classify?min_score={bad}", headers=team.headers, json=as_json), "invalid_request",
+                 "min_score")
+    bad_form = client.post("/classify", headers=team.headers, data={**form, "min_score": "high"}, files=files)
+    _refused(bad_form, "invalid_request", "min_score")
 
 
 def test_unknown_and_repeated_body_fields_are_named(client: TestClient, team, dtd_images, base_model: str) -> None:

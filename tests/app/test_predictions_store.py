@@ -17,7 +17,7 @@ def stored(tmp_path: Path) -> tuple[LocalStore, str, list[str]]:
     names = sorted(f"{cls}/{i:03d}.png" for cls in ("a", "b") for i in range(12))
     writer = PredictionsWriter(tmp_path / "out", rows_per_part=5)
     for start in range(0, len(names), 7):  # batches that do not line up with parts
-        writer.add([BucketRow(name, [("x", 0.9), ("y", 0.1)], [("y", 0.6), ("x", 0.4)])
+        writer.add([BucketRow(name, [("x", 0.9), ("y", 0.1)], [("y", 0.6), ("x", 0.4)], 0.1, False)
                     for name in names[start : start + 7]])
     writer.close()
     store = LocalStore(tmp_path / "objects", "bucket")

@@ -24,23 +24,26 @@ def predictor(base_model: str) -> Predictor:
 
 def test_concurrent_requests_are_batched_and_answered_separately(predictor: Predictor, dtd_images) -> None:
     images = [open_image(path) for path in dtd_images.paths(6, classes=3)]
-    expected = predictor.classify(images, top_k=3)
+    expected = predictor.classify_images(images, top_k=3)
     passes: list[int] = []
-    original = predictor.classify
+    original = predictor.classify_images
 
-    def counting(batch, top_k=5):
+    def counting(batch, top_k=5, min_score=None):
         passes.append(len(batch))
-        return original(batch, top_k=top_k)
+        return original(batch, top_k=top_k, min_score=min_score)
 
-    predictor.classify = counting  # type: ignore[method-assign]
+    predictor.classify_images = counting  # type: ignore[method-assign]
     batcher = BatchingPredictor(predictor, max_batch_images=64, wait_seconds=0.2)
+    # each request's own min_score decides `unknown` for its images, though they share one forward pass
+    min_scores = [None, 0.0, 1.0, None, 0.0, 1.0]
     try:
         start = threading.Barrier(6)
         results: dict[int, list] = {}
 
         def request(index: int) -> None:
             start.wait()
-            results[index] = batcher.submit([images[index]], top_k=1 + index % 3).result(timeout=60)
+            results[index] = batcher.submit([images[index]], top_k=1 + index % 3,
+                                            min_score=min_scores[index]).result(timeout=60)
 
         threads = [threading.Thread(target=request, args=(index,)) for index in range(6)]
         for thread in threads:
@@ -49,12 +52,16 @@ def test_concurrent_requests_are_batched_and_answered_separately(predictor: Pred
             thread.join()
     finally:
         batcher.close()
-        predictor.classify = original  # type: ignore[method-assign]
+        predictor.classify_images = original  # type: ignore[method-assign]
 
     assert sum(passes) == 6 and len(passes) < 6, passes
     for index in range(6):
         top_k = 1 + index % 3
-        assert [label for label, _ in results[index][0]] == [label for label, _ in expected[index][:top_k]]
+        (result,) = results[index]
+        assert [label for label, _ in result.predictions] == [label for label, _ in expected[index].predictions[:top_k]]
+        assert result.ood_score == pytest.approx(expected[index].ood_score)
+        want = {None: expected[index].unknown, 0.0: False, 1.0: True}[min_scores[index]]
+        assert result.unknown is want
 
 
 def test_errors_reach_the_caller(predictor: Predictor) -> None:

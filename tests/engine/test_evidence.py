@@ -87,12 +87,14 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
                  "--device", "cpu", "--quiet", "--out", str(out), "--predictions", str(table)]) == 0
     printed = capsys.readouterr().out
     assert "24 predictions written" in printed and "estimated top-1 (" in printed
+    assert "of the images look like no known class (ood_score above" in printed
 
     with table.open() as handle:
         rows = list(csv.DictReader(handle))
     names = sorted(p.relative_to(dtd_subset).as_posix() for p in dtd_subset.rglob("*.jpg"))
     assert [row["image"] for row in rows] == names  # every image, by name, labels never read
-    assert set(rows[0]) == {"image", "label", "score", "zero_shot_label", "zero_shot_score", "changed"}
+    assert set(rows[0]) == {"image", "label", "score", "zero_shot_label", "zero_shot_score", "changed", "ood_score",
+                            "unknown"}
 
     # The columns are what each model says about that image on its own (decoded as `must eval` does).
     adapted = Predictor.load(out, device="cpu")
@@ -102,12 +104,18 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
     (label, score), = zero_shot.classify([image], top_k=1)[0]
     assert (rows[5]["zero_shot_label"], float(rows[5]["zero_shot_score"])) == (label, pytest.approx(score, abs=1e-5))
     assert rows[5]["changed"] == str(rows[5]["label"] != label).lower()
+    # and the unknown decision is the served one: the artifact's threshold on its ood_score
+    (served,) = adapted.classify_images([image], top_k=1)
+    assert (float(rows[5]["ood_score"]), rows[5]["unknown"]) == (pytest.approx(served.ood_score, abs=1e-5),
+                                                                 str(served.unknown).lower())
 
     report = read_metadata(out)["report"]
     assert report["num_images"] == 24
     assert sum(report["class_histogram"]["adapted"].values()) == 24
     changed = sum(row["changed"] == "true" for row in rows) / 24
     assert report["changed_from_zero_shot"] == pytest.approx(changed)
+    assert report["unknown"] == {"threshold": read_metadata(out)["unknown"]["threshold"],
+                                 "share": pytest.approx(sum(row["unknown"] == "true" for row in rows) / 24)}
 
     # The audit of the same folder is `must eval` for each model.
     result = audit(out, dtd_subset, device="cpu")
@@ -120,7 +128,7 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
 def test_rows_file_jsonl_and_bad_suffix(tmp_path: Path) -> None:
     from must_engine.bucket import BucketRow
 
-    row = BucketRow("a/1.png", [("x", 0.7), ("y", 0.3)], [("y", 0.6), ("x", 0.4)])
+    row = BucketRow("a/1.png", [("x", 0.7), ("y", 0.3)], [("y", 0.6), ("x", 0.4)], 0.3, False)
     with RowsFile(tmp_path / "p.jsonl") as sink:
         sink.write([row, row])
     lines = (tmp_path / "p.jsonl").read_text().splitlines()

@@ -184,17 +184,21 @@ def test_a_checkpoint_holding_pickled_objects_is_never_unpickled(tmp_path: Path)
         load_checkpoint(tmp_path)
 
 
-def test_a_resumed_run_with_aligned_pseudo_labels_ends_where_an_uninterrupted_one_does(
-    tiny_base_model: str, dtd_subset: Path, tmp_path: Path
+@pytest.mark.parametrize("extra", [{"align_pseudo_labels": 0.9}, {"unknown_weighting": "ueo_zero_shot"}])
+def test_a_resumed_run_with_extra_state_ends_where_an_uninterrupted_one_does(
+    extra: dict, tiny_base_model: str, dtd_subset: Path, tmp_path: Path
 ) -> None:
-    run = config(epochs=2, align_pseudo_labels=0.9, tau=0.0)  # every pseudo-label counts
+    """Also with UEO's zero-shot weights: the frozen zero-shot copy comes back from the checkpoint."""
+    run = config(epochs=2, tau=0.0, **extra)  # every pseudo-label counts
     whole = adapt(dtd_subset, CLASSES, tmp_path / "whole", base_model=tiny_base_model, config=run, device="cpu")
     work, saved = tmp_path / "work", []
     with pytest.raises(AdaptCancelled):
         adapt(dtd_subset, CLASSES, tmp_path / "resumed", base_model=tiny_base_model, config=run, device="cpu",
               work_dir=work, on_checkpoint=saved.append, should_stop=lambda: len(saved) >= 3)
     checkpoint = load_checkpoint(work)
-    assert checkpoint is not None and checkpoint["teacher_marginal"] is not None
+    assert checkpoint is not None
+    assert (checkpoint["teacher_marginal"] is not None) == ("align_pseudo_labels" in extra)
+    assert (checkpoint["unknown_anchor"] is not None) == ("unknown_weighting" in extra)
     resumed = adapt(dtd_subset, CLASSES, tmp_path / "resumed", base_model=tiny_base_model, config=run,
                     device="cpu", work_dir=work)
     assert resumed.resumed_from_step == 3

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
@@ -18,7 +19,14 @@ from app.db.models import Model as ModelRow
 from app.db.models import Team
 from app.errors import ApiError, not_found
 from app.predictors import BatchingPredictor
-from app.schemas import ClassifyImages, ClassifyResponse, ImageResult, Prediction, ZeroShotClassify
+from app.schemas import (
+    MIN_SCORE_DESCRIPTION,
+    ClassifyImages,
+    ClassifyResponse,
+    ImageResult,
+    Prediction,
+    ZeroShotClassify,
+)
 from app.services import Services
 from app.settings import Settings
 from app.uploads import (
@@ -49,6 +57,8 @@ TopKQuery = Annotated[
         "or JSON key, and where both are sent they must agree."
     ),
 ]
+_Number = TypeVar("_Number", int, float)
+MinScoreQuery = Annotated[float | None, Query(description=MIN_SCORE_DESCRIPTION)]
 
 
 def _request_body(json_model: str, extra_fields: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
@@ -63,6 +73,7 @@ def _request_body(json_model: str, extra_fields: dict[str, Any], required: tuple
                         "properties": {
                             "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
                             "top_k": {"type": "integer", "default": DEFAULT_TOP_K},
+                            "min_score": {"type": "number", "minimum": 0, "maximum": 1},
                             **extra_fields,
                         },
                     }
@@ -78,6 +89,7 @@ class ClassifyInput:
     images: list[Image]
     filenames: list[str | None]
     top_k: int
+    min_score: float | None  # None: the model's fitted threshold
     class_names: list[str] | None  # zero-shot only
     base_model: str | None
 
@@ -87,6 +99,7 @@ async def _read_input(
     settings: Settings,
     json_model: type[ClassifyImages] | type[ZeroShotClassify],
     query_top_k: int | None,
+    query_min_score: float | None,
 ) -> ClassifyInput:
     """Read the body on the event loop, then parse and decode it on a worker thread (one hop)."""
     kind = media_type(request)
@@ -94,7 +107,7 @@ async def _read_input(
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data or application/json")
     boundary = multipart_boundary(request) if kind == "multipart/form-data" else None
     body = await read_body(request, settings.max_classify_bytes)
-    return await run_in_threadpool(_parse_input, body, boundary, settings, json_model, query_top_k)
+    return await run_in_threadpool(_parse_input, body, boundary, settings, json_model, query_top_k, query_min_score)
 
 
 def _parse_input(
@@ -103,6 +116,7 @@ def _parse_input(
     settings: Settings,
     json_model: type[ClassifyImages] | type[ZeroShotClassify],
     query_top_k: int | None,
+    query_min_score: float | None,
 ) -> ClassifyInput:
     """Parse either body form; names are checked before any image is decoded."""
     zero_shot = json_model is ZeroShotClassify
@@ -112,10 +126,11 @@ def _parse_input(
             (_decode_base64(text, index), None) for index, text in enumerate(parsed.images)
         ]
         top_k = _top_k(query_top_k, parsed.top_k if "top_k" in parsed.model_fields_set else None)
+        min_score = _one_of("min_score", query_min_score, parsed.min_score)
         if isinstance(parsed, ZeroShotClassify):
             json_names = normalize_class_names(parsed.class_names, settings)
-            return _decode(sources, top_k, json_names, _base_model(parsed.base_model, settings), settings)
-        return _decode(sources, top_k, None, None, settings)
+            return _decode(sources, top_k, min_score, json_names, _base_model(parsed.base_model, settings), settings)
+        return _decode(sources, top_k, min_score, None, None, settings)
     form = parse_multipart_bytes(body, boundary, max_files=settings.max_classify_images)
     unknown = sorted((set(form.fields) | {upload.field for upload in form.files}) - set(json_model.model_fields))
     if unknown:
@@ -125,6 +140,7 @@ def _parse_input(
     return _decode(
         [(upload.content, upload.filename) for upload in form.files_of("images")],
         _top_k(query_top_k, _form_top_k(form)),
+        _one_of("min_score", query_min_score, _form_min_score(form)),
         names,
         base_model,
         settings,
@@ -136,15 +152,19 @@ def _base_model(spec: str | None, settings: Settings) -> str:
 
 
 def _top_k(from_query: int | None, from_body: int | None) -> int:
-    """`top_k` may come in the query string or the body; sent in both, the two must agree."""
+    chosen = _one_of("top_k", from_query, from_body)
+    return DEFAULT_TOP_K if chosen is None else chosen
+
+
+def _one_of(name: str, from_query: _Number | None, from_body: _Number | None) -> _Number | None:
+    """A parameter may come in the query string or the body; sent in both, the two must agree."""
     if from_query is not None and from_body is not None and from_query != from_body:
         raise InputError(
             "conflicting_parameter",
-            f"top_k is {from_query} in the query string but {from_body} in the body; send one",
-            "top_k",
+            f"{name} is {from_query} in the query string but {from_body} in the body; send one",
+            name,
         )
-    chosen = from_body if from_body is not None else from_query
-    return DEFAULT_TOP_K if chosen is None else chosen
+    return from_body if from_body is not None else from_query
 
 
 def _form_top_k(form: MultipartForm[FileInMemory]) -> int | None:
@@ -157,6 +177,19 @@ def _form_top_k(form: MultipartForm[FileInMemory]) -> int | None:
         raise InputError("invalid_request", "top_k must be an integer", "top_k") from exc
 
 
+def _form_min_score(form: MultipartForm[FileInMemory]) -> float | None:
+    text = form.value("min_score")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise InputError("invalid_request", "min_score must be a number between 0 and 1", "min_score") from exc
+    if not math.isfinite(value):
+        raise InputError("invalid_request", "min_score must be a number between 0 and 1", "min_score")
+    return value
+
+
 def _decode_base64(text: str, index: int) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
@@ -167,6 +200,7 @@ def _decode_base64(text: str, index: int) -> bytes:
 def _decode(
     sources: list[tuple[bytes, str | None]],
     top_k: int,
+    min_score: float | None,
     class_names: list[str] | None,
     base_model: str | None,
     settings: Settings,
@@ -177,13 +211,15 @@ def _decode(
         raise InputError("too_many_images", f"at most {settings.max_classify_images} images per request", "images")
     if not 1 <= top_k <= settings.max_top_k:
         raise InputError("invalid_request", f"top_k must be between 1 and {settings.max_top_k}", "top_k")
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise InputError("invalid_request", "min_score must be between 0 and 1", "min_score")
     images = []
     for index, (source, name) in enumerate(sources):
         try:
             images.append(open_image(source, filename=name))
         except ImageError as exc:
             raise engine_input_error(exc, f"images.{index}") from exc
-    return ClassifyInput(images, [name for _, name in sources], top_k, class_names, base_model)
+    return ClassifyInput(images, [name for _, name in sources], top_k, min_score, class_names, base_model)
 
 
 def _team_and_model(
@@ -198,15 +234,21 @@ def _team_and_model(
 
 
 async def _predict(predictor: BatchingPredictor, batch: ClassifyInput) -> list[ImageResult]:
-    predictions = await asyncio.wrap_future(predictor.submit(batch.images, batch.top_k))
+    results = await asyncio.wrap_future(predictor.submit(batch.images, batch.top_k, batch.min_score))
     return [
         ImageResult(
             index=index,
             filename=batch.filenames[index],
-            predictions=[Prediction(label=label, score=score) for label, score in rows],
+            predictions=[Prediction(label=label, score=score) for label, score in result.predictions],
+            ood_score=result.ood_score,
+            unknown=result.unknown,
         )
-        for index, rows in enumerate(predictions)
+        for index, result in enumerate(results)
     ]
+
+
+def _min_score(predictor: BatchingPredictor, batch: ClassifyInput) -> float:
+    return predictor.min_score if batch.min_score is None else batch.min_score
 
 
 @router.post(
@@ -220,19 +262,21 @@ async def classify_with_model(
     services: ServicesDep,
     model_id: str,
     top_k: TopKQuery = None,
+    min_score: MinScoreQuery = None,
 ) -> ClassifyResponse:
-    """Top-k labels from an adapted model of the team."""
+    """Top-k labels from an adapted model of the team, each image with its unknown decision."""
     team, row = await run_in_threadpool(_team_and_model, services, credentials, model_id)
     await services.classify_limiter.check(team.id)
     if row is None:
         raise not_found("model", "model_id")
-    batch = await _read_input(request, services.settings, ClassifyImages, top_k)
+    batch = await _read_input(request, services.settings, ClassifyImages, top_k, min_score)
     predictor = services.predictors.loaded_model(row.id)
     if predictor is None:  # a load may take seconds: off the event loop
         predictor = await run_in_threadpool(services.predictors.for_model, row.id, row.artifact_prefix)
     results = await _predict(predictor, batch)
     services.metrics.classified_images.labels("adapted").inc(len(results))
-    return ClassifyResponse(model_id=row.id, base_model=row.base_model, results=results)
+    return ClassifyResponse(model_id=row.id, base_model=row.base_model, min_score=_min_score(predictor, batch),
+                            results=results)
 
 
 @router.post(
@@ -248,11 +292,12 @@ async def classify_with_model(
     ),
 )
 async def classify_zero_shot(
-    request: Request, team: TeamBriefly, services: ServicesDep, top_k: TopKQuery = None
+    request: Request, team: TeamBriefly, services: ServicesDep, top_k: TopKQuery = None,
+    min_score: MinScoreQuery = None,
 ) -> ClassifyResponse:
     """Top-k labels from a base model's zero-shot head: the baseline an adapted model is compared with."""
     await services.classify_limiter.check(team.id)
-    batch = await _read_input(request, services.settings, ZeroShotClassify, top_k)
+    batch = await _read_input(request, services.settings, ZeroShotClassify, top_k, min_score)
     assert batch.class_names is not None and batch.base_model is not None
     base_model = batch.base_model
     try:
@@ -263,4 +308,5 @@ async def classify_zero_shot(
         raise engine_input_error(exc, "base_model") from exc
     results = await _predict(predictor, batch)
     services.metrics.classified_images.labels("zero_shot").inc(len(results))
-    return ClassifyResponse(model_id=None, base_model=base_model, results=results)
+    return ClassifyResponse(model_id=None, base_model=base_model, min_score=_min_score(predictor, batch),
+                            results=results)

@@ -37,21 +37,23 @@ class Format(StrEnum):
 
 
 class RowFilter:
-    """Which rows a request wants: the adapted top-1 label and score, and whether zero-shot said otherwise."""
+    """Which rows a request wants: the adapted top-1 label and score, whether zero-shot said otherwise, and
+    whether the image looks like no known class."""
 
     def __init__(
         self, class_names: list[str], label: str | None, zero_shot_label: str | None,
-        score_min: float | None, score_max: float | None, changed: bool | None,
+        score_min: float | None, score_max: float | None, changed: bool | None, unknown: bool | None = None,
     ) -> None:
         self.label = _class_named(label, class_names, "label")
         self.zero_shot_label = _class_named(zero_shot_label, class_names, "zero_shot_label")
         if score_min is not None and score_max is not None and score_min > score_max:
             raise bad_request("invalid_request", "score_min must not exceed score_max", "score_min")
-        self.score_min, self.score_max, self.changed = score_min, score_max, changed
+        self.score_min, self.score_max, self.changed, self.unknown = score_min, score_max, changed, unknown
 
     @property
     def is_empty(self) -> bool:
-        return (self.label, self.zero_shot_label, self.score_min, self.score_max, self.changed) == (None,) * 5
+        return (self.label, self.zero_shot_label, self.score_min, self.score_max, self.changed,
+                self.unknown) == (None,) * 6
 
     def __call__(self, row: dict[str, Any]) -> bool:
         best, zero = row["predictions"][0], row["zero_shot"][0]
@@ -61,6 +63,7 @@ class RowFilter:
             and (self.score_min is None or best["score"] >= self.score_min)
             and (self.score_max is None or best["score"] <= self.score_max)
             and (self.changed is None or row["changed"] == self.changed)
+            and (self.unknown is None or row.get("unknown") == self.unknown)  # rows from before it: never match
         )
 
 
@@ -93,15 +96,17 @@ def list_predictions(
     score_min: Annotated[float | None, Query(ge=0, le=1, description="Adapted top-1 score at least this.")] = None,
     score_max: Annotated[float | None, Query(ge=0, le=1, description="Adapted top-1 score at most this.")] = None,
     changed: Annotated[bool | None, Query(description="Only rows whose top-1 differs (or not) from zero-shot.")] = None,
+    unknown: Annotated[bool | None, Query(description="Only images of no known class (or of one).")] = None,
 ) -> BucketPredictionList | StreamingResponse:
-    """Every image of the bucket with the adapted model's and zero-shot's top-5, sorted by image name."""
+    """Every image of the bucket with the adapted model's and zero-shot's top-5 and the unknown decision (ood_score
+    above the threshold fitted on the bucket at adaptation time), sorted by image name."""
     row = session.get(AdaptationRow, adaptation_id)
     if row is None or row.team_id != team.id:
         raise not_found("adaptation", "adaptation_id")
     if row.status != AdaptationStatus.SUCCEEDED:
         raise ApiError(409, "predictions_unavailable",
                        f"the adaptation is {row.status}; only a succeeded adaptation has predictions", "adaptation_id")
-    keep = RowFilter(row.class_names, label, zero_shot_label, score_min, score_max, changed)
+    keep = RowFilter(row.class_names, label, zero_shot_label, score_min, score_max, changed, unknown)
     store, prefix = services.store, predictions_prefix(team.id, adaptation_id)
     index = read_index(store, prefix)
     if index is None:
