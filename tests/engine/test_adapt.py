@@ -127,9 +127,10 @@ def test_each_window_reports_its_pseudo_label_histogram(tiny_base_model: str, dt
 
 def test_zero_shot_predictor_matches_the_adapted_model_before_training(tiny_base_model: str, dtd_subset: Path,
                                                                        tmp_path: Path) -> None:
-    """An artifact trained with lr 0 and EMA decay 1, and not balanced, is exactly the zero-shot classifier."""
+    """An artifact trained with lr 0 and EMA decay 1, and not balanced (neither before
+    training nor at export), is exactly the zero-shot classifier."""
     _run(tiny_base_model, dtd_subset, tmp_path / "m", None, epochs=1, base_lr=0.0, min_lr=0.0,
-         ema_init=1.0, ema_final=1.0, balance_classes=False)
+         ema_init=1.0, ema_final=1.0, balance_init=False, balance_classes=False)
     from PIL import Image
 
     images = [Image.open(p).convert("RGB") for p in sorted((dtd_subset / "braided").iterdir())[:4]]
