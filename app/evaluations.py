@@ -20,6 +20,7 @@ from starlette.requests import Request
 from app.db.models import Evaluation, Model, Team, new_id
 from app.db.session import transaction
 from app.errors import ApiError
+from app.queue import enqueue_evaluation
 from app.services import Services
 from app.settings import Settings
 from app.storage import object_key
@@ -27,7 +28,6 @@ from app.uploads import MultipartForm, read_multipart
 from app.validation import ImageLimits, InputError, NamedImage, check_images, extract_archive, is_zip
 from must_engine.audit import unknown_folders
 
-RUN_EVALUATION = "must.run_evaluation"  # the worker registers its task under this name
 MIN_AUDIT_IMAGES = 2
 IMAGES_FILE = "images.zip"
 
@@ -100,7 +100,7 @@ def _commit(services: Services, team: Team, model: Model, upload: LabelledUpload
         with transaction(services.session_factory) as session:
             row = Evaluation(id=evaluation_id, team_id=team.id, model_id=model.id, n=upload.n, images_key=key)
             session.add(row)
-        services.celery.send_task(RUN_EVALUATION, args=[evaluation_id])
+        enqueue_evaluation(services.celery, evaluation_id)
     except Exception:
         log.exception("could not start evaluation %s; removing it", evaluation_id)
         with transaction(services.session_factory) as session:

@@ -25,6 +25,7 @@ from app.db.jobs import add_status_event
 from app.db.models import ACTIVE_STATUSES, Adaptation, AdaptationStatus, PendingUpload, Team, new_id, utcnow
 from app.db.session import transaction
 from app.errors import ApiError
+from app.queue import enqueue_adaptation
 from app.schemas import AdaptationFromSource
 from app.services import Services
 from app.settings import Settings
@@ -43,7 +44,6 @@ from app.validation import (
     resolve_config,
 )
 from must_engine import DEFAULT_BASE_MODEL
-from worker.celery_app import enqueue_adaptation
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from app.gallery import GalleryImages
 from app.limits import RateLimiter, create_rate_limiter
 from app.metrics import ServiceMetrics
 from app.predictors import PredictorCache
+from app.queue import create_celery_app
 from app.settings import Settings
 from app.storage import ObjectStore, create_store
 from app.weights import WeightsFetcher
-from worker.celery_app import create_celery_app
 
 
 @dataclass

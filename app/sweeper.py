@@ -22,8 +22,8 @@ from app.db.jobs import sweep
 from app.db.models import PendingUpload, utcnow
 from app.db.session import transaction
 from app.intake import discard_upload
+from app.queue import enqueue_adaptation
 from app.services import Services
-from worker.celery_app import enqueue_adaptation
 
 log = logging.getLogger(__name__)
 

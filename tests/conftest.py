@@ -317,10 +317,10 @@ def stack(
     from app.db.session import create_db_engine, create_session_factory
     from app.main import create_app
     from app.storage import create_store
-    from worker.celery_app import create_celery_app
+    from worker.celery_app import create_worker_app
 
     settings = make_service_settings(**stack_overrides)
-    celery = create_celery_app(settings)
+    celery = create_worker_app(settings)
     engine = create_db_engine(settings)
     with (
         TestClient(create_app(settings)) as client,

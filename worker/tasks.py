@@ -9,9 +9,8 @@ from celery import Task, shared_task
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.session import create_db_engine, create_session_factory
-from app.evaluations import RUN_EVALUATION
+from app.queue import RUN_ADAPTATION, RUN_EVALUATION, MustCelery
 from app.storage import ObjectStore, create_store
-from worker.celery_app import RUN_ADAPTATION, MustCelery
 from worker.evaluations import EvaluationRunner
 from worker.runner import AdaptationRunner
 

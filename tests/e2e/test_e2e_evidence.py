@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from app.db.models import Adaptation
+from app.queue import enqueue_adaptation
 from must_engine.cli import main as must
-from worker.celery_app import enqueue_adaptation
 
 CLASSES = ["banded", "blotchy"]
 

@@ -11,9 +11,9 @@ from datetime import timedelta
 from sqlalchemy import func, select, update
 
 from app.db.models import Adaptation, AdaptationEvent, Model, utcnow
+from app.queue import enqueue_adaptation
 from app.storage import object_key
 from must_engine import AdaptCancelled, adapt, resolve_job_config
-from worker.celery_app import enqueue_adaptation
 from worker.runner import CHECKPOINT_FILE
 
 
