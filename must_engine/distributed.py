@@ -209,6 +209,19 @@ class Ranks:
         if histogram is not None:
             histogram.copy_(flat[len(names):])
 
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's (n_r, K) CPU rows, in rank order, on every rank (n_r may differ: rows are padded)."""
+        if not self.distributed:
+            return rows
+        count = torch.tensor([rows.shape[0]])
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count, group=self._group())
+        padded = rows.new_zeros(max(int(n) for n in counts), *rows.shape[1:])
+        padded[: rows.shape[0]] = rows
+        gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded, group=self._group())
+        return torch.cat([part[: int(n)] for part, n in zip(gathered, counts, strict=True)])
+
     def should_stop(self, asked: Callable[[], bool]) -> bool:
         """Rank 0's answer, on every rank. Rank 0 also stops when its launcher is gone (killed outright),
         rather than train on as an orphan whose progress nobody records."""

@@ -136,7 +136,9 @@ def adapt(
         preprocess = preprocess_metadata(preprocess_cfg, config.input_size)
         init_metrics: dict[str, float] = {}
         if checkpoint is None and config.balance_init:  # a resumed head already holds its offsets
-            balanced = balance_classes(classifier, bucket_logits(classifier.to(target), paths, preprocess, target))
+            # each rank classifies its slice of the bucket; every rank balances over all of it
+            shard = bucket_logits(classifier.to(target), paths[ranks.rank :: ranks.world_size], preprocess, target)
+            balanced = balance_classes(classifier, ranks.gather_rows(shard))
             init_metrics = {f"init_{name}": value for name, value in balanced.items()}
         student = MustModel(classifier, seed=config.seed).to(target)
 

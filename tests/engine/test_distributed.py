@@ -119,6 +119,21 @@ def _losses_on_rank(rank: int, port: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
+def _gather_on_rank(rank: int, port: int, out: Path) -> None:
+    ranks = _join(rank, port)
+    mine = torch.arange(6.0).reshape(3, 2) if rank == 0 else torch.tensor([[10.0, 11.0]])  # uneven shards
+    torch.save(ranks.gather_rows(mine), out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_every_rank_gathers_all_rows_in_rank_order_from_uneven_shards(tmp_path: Path) -> None:
+    """What balance_init balances over: each rank classified its slice of the bucket (some unreadable)."""
+    _spawn(_gather_on_rank, tmp_path)
+    expected = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [10.0, 11.0]])
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+
+
 def test_fairness_and_means_are_over_the_global_batch_with_the_gradient_ddp_averages(tmp_path: Path) -> None:
     _spawn(_losses_on_rank, tmp_path)
     logits, teacher = _global_batch_data()
