@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     # After a rotation, deliveries are signed with the previous secret too for this long.
     webhook_previous_secret_seconds: float = Field(default=24 * 3600.0, ge=0)
     max_webhooks_per_team: int = Field(default=16, ge=1)
+    # Delivered and given-up deliveries (GET /webhooks/{id}/deliveries) are deleted this long after they were
+    # queued; longer than the retry schedule, so a pending one is never pruned.
+    webhook_retention_seconds: float = Field(default=30 * 24 * 3600.0, gt=0)
 
     @field_validator("source_buckets", mode="before")
     @classmethod

@@ -1,9 +1,10 @@
 """The sweeper: a loop in the API process that re-sends jobs no live worker holds.
 
-It covers the two ways a job can be stranded: its queue message was lost (broker restart without
-persistence), or its worker died (the lease stops being renewed). Several API processes may run it at
-once; each stranded job is claimed by one conditional UPDATE. It also deletes the objects of uploads
-whose request died before its adaptation was committed.
+It covers the two ways a job (an adaptation or an audit) can be stranded: its queue message was lost
+(broker restart without persistence), or its worker died (the lease or heartbeat stops). Several API
+processes may run it at once; each stranded job is claimed by one conditional UPDATE. It also deletes the
+objects of uploads whose request died before its adaptation was committed, and webhook deliveries older
+than their retention.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from app.db.audits import sweep_audits
 from app.db.jobs import sweep
 from app.db.models import PendingUpload, utcnow
 from app.db.session import transaction
 from app.intake import discard_upload
-from app.queue import enqueue_adaptation
+from app.queue import enqueue_adaptation, enqueue_evaluation
 from app.services import Services
+from app.webhooks.outbox import prune_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ STALE_STAGING_SECONDS = 24 * 3600
 
 
 def sweep_once(services: Services) -> list[str]:
-    """Re-send stranded jobs and delete abandoned uploads; returns the re-sent ids."""
+    """Re-send stranded jobs, delete abandoned uploads and old deliveries; returns the re-sent ids."""
     settings = services.settings
     with transaction(services.session_factory) as session:
         stranded = sweep(
@@ -41,8 +44,21 @@ def sweep_once(services: Services) -> list[str]:
         enqueue_adaptation(services.celery, adaptation_id)
     if stranded:
         log.info("re-enqueued %d stranded adaptations: %s", len(stranded), ", ".join(stranded))
+    with transaction(services.session_factory) as session:
+        audits = sweep_audits(session, lease_seconds=settings.lease_seconds,
+                              requeue_after_seconds=settings.requeue_after_seconds, max_attempts=settings.max_attempts)
+    for evaluation_id in audits.resend:
+        enqueue_evaluation(services.celery, evaluation_id)
+    for images_key in audits.given_up:
+        services.store.delete_prefix(images_key)
+    if audits.resend or audits.given_up:
+        log.info("re-enqueued %d stranded audits, gave up on %d", len(audits.resend), len(audits.given_up))
     reap_abandoned_uploads(services)
-    return stranded
+    with transaction(services.session_factory) as session:
+        pruned = prune_deliveries(session, older_than=utcnow() - timedelta(seconds=settings.webhook_retention_seconds))
+    if pruned:
+        log.info("deleted %d webhook deliveries past their retention", pruned)
+    return [*stranded, *audits.resend]
 
 
 def reap_abandoned_uploads(services: Services, batch: int = 100) -> None:

@@ -1,14 +1,20 @@
 """Running one audit: claim the row, fetch the model and the labelled zip, score both models, finish the row.
 
 The engine's `audit` does the scoring. The row is claimed with one conditional UPDATE, so a message
-delivered twice runs once; a row left `running` by a worker that died is claimed again once it has not
-been touched for a lease period. The images are deleted when the audit ends, however it ends.
+delivered twice runs once. While it runs, a heartbeat thread touches the row every third of a lease period;
+a row left `running` with no heartbeat for a lease period lost its worker, and is claimed again (by a
+redelivered message, or one the API's sweeper sends). Each claim increments `attempts`, and every later write
+of the claimer is conditional on that number: a worker that was presumed dead and comes back can neither
+finish the row another worker now holds nor delete its images. The images are deleted when the claimer
+ends the row, however it ends.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -37,23 +43,29 @@ class EvaluationRunner:
         self.session_factory = session_factory
         self.store = store
         self.evaluation_id = evaluation_id
+        self.attempt = 0  # the claim this runner holds (the row's `attempts` after its claim)
 
     def run(self) -> str:
         claimed = self._claim()
         if claimed is None:
             return "skipped: finished, deleted or running elsewhere"
         images_key, artifact_prefix = claimed
-        try:
-            results = self._score(images_key, artifact_prefix)
-        except Exception as exc:
-            code, message = (exc.code, exc.message) if isinstance(exc, InputError) else ("evaluation_failed", str(exc))
-            log.exception("evaluation %s failed", self.evaluation_id)
-            self._finish(EvaluationStatus.FAILED, error_code=code, error_message=message)
-            return f"failed: {code}"
-        finally:
-            self.store.delete_prefix(images_key)
-        self._finish(EvaluationStatus.SUCCEEDED, results=results, progress={"fraction": 1.0})
-        return "succeeded"
+        with Heartbeat(self._update, self.settings.lease_seconds / 3):
+            try:
+                results = self._score(images_key, artifact_prefix)
+            except Exception as exc:
+                code, message = ((exc.code, exc.message) if isinstance(exc, InputError)
+                                 else ("evaluation_failed", str(exc)))
+                log.exception("evaluation %s failed", self.evaluation_id)
+                outcome, ended = f"failed: {code}", self._finish(EvaluationStatus.FAILED, error_code=code,
+                                                                 error_message=message)
+            else:
+                outcome, ended = "succeeded", self._finish(EvaluationStatus.SUCCEEDED, results=results,
+                                                           progress={"fraction": 1.0})
+        if not ended:
+            return "abandoned: another worker claimed it"  # its images are that worker's now
+        self.store.delete_prefix(images_key)
+        return outcome
 
     def _claim(self) -> tuple[str, str] | None:
         now = utcnow()
@@ -68,13 +80,21 @@ class EvaluationRunner:
                 )
                 .values(status=EvaluationStatus.RUNNING, attempts=Evaluation.attempts + 1, updated_at=now,
                         started_at=now, progress={"fraction": 0.0})
+                .returning(Evaluation.attempts)
                 .execution_options(synchronize_session=False)
             ))
-            if taken.rowcount != 1:
+            attempt = taken.scalar_one_or_none()
+            if attempt is None:
                 return None
+            self.attempt = attempt
             row = session.get_one(Evaluation, self.evaluation_id)
             model = session.get_one(Model, row.model_id)
             return row.images_key, model.artifact_prefix
+
+    def _mine(self) -> Any:
+        """The row, while this runner's claim is the current one."""
+        return and_(Evaluation.id == self.evaluation_id, Evaluation.status == EvaluationStatus.RUNNING,
+                    Evaluation.attempts == self.attempt)
 
     def _score(self, images_key: str, artifact_prefix: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix=f"must-{self.evaluation_id}-") as scratch:
@@ -88,18 +108,50 @@ class EvaluationRunner:
                          on_progress=lambda fraction: self._update(progress={"fraction": fraction}))
 
     def _update(self, **values: Any) -> None:
+        """Touch the row (the heartbeat) and write `values`, while this runner holds it."""
         with transaction(self.session_factory) as session:
-            session.execute(update(Evaluation).where(Evaluation.id == self.evaluation_id)
-                            .values(updated_at=utcnow(), **values).execution_options(synchronize_session=False))
-
-    def _finish(self, status: EvaluationStatus, **values: Any) -> None:
-        """End the row; a success queues its `evaluation.succeeded` webhooks in the same transaction."""
-        with transaction(self.session_factory) as session:
-            session.execute(update(Evaluation).where(Evaluation.id == self.evaluation_id)
-                            .values(updated_at=utcnow(), status=status, finished_at=utcnow(), **values)
+            session.execute(update(Evaluation).where(self._mine()).values(updated_at=utcnow(), **values)
                             .execution_options(synchronize_session=False))
+
+    def _finish(self, status: EvaluationStatus, **values: Any) -> bool:
+        """End the row if this runner still holds it; a success queues its `evaluation.succeeded` webhooks in
+        the same transaction. False: another worker claimed it meanwhile, and nothing was written."""
+        with transaction(self.session_factory) as session:
+            changed = cast(CursorResult[Any], session.execute(
+                update(Evaluation).where(self._mine())
+                .values(updated_at=utcnow(), status=status, finished_at=utcnow(), **values)
+                .execution_options(synchronize_session=False)
+            ))
+            if changed.rowcount != 1:
+                return False
             if status == EvaluationStatus.SUCCEEDED:
                 row = session.get_one(Evaluation, self.evaluation_id)
                 session.refresh(row)
                 record_event(session, row.team_id, "evaluation.succeeded",
                              EvaluationOut.from_row(row).model_dump(mode="json"))
+            return True
+
+
+class Heartbeat:
+    """A thread that calls `beat` every `interval` seconds until the block ends; a failed beat (a database
+    restart) is logged and retried at the next interval."""
+
+    def __init__(self, beat: Callable[[], None], interval: float) -> None:
+        self.beat, self.interval = beat, interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="evaluation-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as exc:
+                log.warning("evaluation heartbeat failed: %s", exc)

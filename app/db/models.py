@@ -180,7 +180,10 @@ class Evaluation(Base):
     """
 
     __tablename__ = "evaluations"
-    __table_args__ = (Index("ix_evaluations_model_id_id", "model_id", "id"),)
+    __table_args__ = (
+        Index("ix_evaluations_model_id_id", "model_id", "id"),
+        Index("ix_evaluations_status_updated_at", "status", "updated_at"),  # the sweeper's scan
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("eva"))
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
@@ -247,6 +250,7 @@ class WebhookDelivery(Base):
     __table_args__ = (
         Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),
         Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_created_at", "created_at"),  # pruning past the retention
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whd"))

@@ -13,10 +13,10 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, or_, select, update
+from sqlalchemy import CursorResult, and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import Adaptation, AdaptationStatus, DeliveryStatus, Webhook, WebhookDelivery, new_id, utcnow
@@ -92,6 +92,16 @@ def claim_due(session: Session, owner: str, claim_seconds: float, limit: int) ->
         if cast(CursorResult[Any], result).rowcount == 1:
             claimed.append(delivery_id)
     return claimed
+
+
+def prune_deliveries(session: Session, older_than: datetime, batch: int = 1000) -> int:
+    """Delete up to `batch` finished (delivered or given-up) deliveries queued before `older_than`."""
+    finished = select(WebhookDelivery.id).where(
+        WebhookDelivery.status != DeliveryStatus.PENDING, WebhookDelivery.created_at < older_than
+    ).order_by(WebhookDelivery.created_at).limit(batch)
+    result = session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(finished))
+                             .execution_options(synchronize_session=False))
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 @dataclass(frozen=True)
