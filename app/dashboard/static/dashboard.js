@@ -1,203 +1,13 @@
-// The team dashboard: plain JavaScript over the service's JSON API (same origin).
-// The API key lives in sessionStorage (this tab only) and travels only in the Authorization header.
-"use strict";
+// The team dashboard: plain JavaScript over the service's JSON API (same origin): views, routing and pages.
+// api.js talks to the service, dom.js and charts.js draw; this module owns what is on screen.
 
-const KEY_STORAGE = "must.apiKey";
+import { ApiError, api, apiKey, forgetApiKey, keepApiKey, onUnauthorized, upload } from "./api.js";
+import { COLORS, barChart, lineChart } from "./charts.js";
+import { $, $$, bytes, clearErrors, duration, el, pct, showError, statusBadge, toast, when } from "./dom.js";
+
 const FINAL = ["succeeded", "failed", "cancelled"];
 const POLL_MS = 1500;
 const GALLERY_PAGE = 24;
-const COLORS = ["#2f6fde", "#e08a1e", "#1f9d55", "#a23bd1", "#d14343", "#0e9aa7"];
-
-const $ = (selector, root = document) => root.querySelector(selector);
-const $$ = (selector, root = document) => Array.from(root.querySelectorAll(selector));
-
-// ---- the API -----------------------------------------------------------------------------------
-
-class ApiError extends Error {
-  constructor(status, body) {
-    const error = (body && body.error) || {};
-    super(error.message || `HTTP ${status}`);
-    this.status = status;
-    this.code = error.code || "http_error";
-    this.param = error.param || null;
-  }
-}
-
-function apiKey() { return sessionStorage.getItem(KEY_STORAGE); }
-
-async function parseError(response) {
-  let body = null;
-  try { body = await response.json(); } catch (_) { /* not JSON */ }
-  return new ApiError(response.status, body);
-}
-
-async function api(path, { method = "GET", body, key = apiKey(), raw = false } = {}) {
-  const headers = { Authorization: `Bearer ${key}` };
-  let payload = body;
-  if (body && !(body instanceof FormData)) {
-    headers["Content-Type"] = "application/json";
-    payload = JSON.stringify(body);
-  }
-  const response = await fetch(path, { method, headers, body: payload, cache: "no-store" });
-  if (!response.ok) {
-    const error = await parseError(response);
-    if (response.status === 401 && key === apiKey()) signOut(error.message);
-    throw error;
-  }
-  if (raw) return response;
-  return response.status === 204 ? null : response.json();
-}
-
-// A multipart POST with upload progress (fetch cannot report it).
-function upload(path, form, onProgress) {
-  return new Promise((resolve, reject) => {
-    const request = new XMLHttpRequest();
-    request.open("POST", path);
-    request.setRequestHeader("Authorization", `Bearer ${apiKey()}`);
-    request.upload.onprogress = (event) => { if (event.lengthComputable) onProgress(event.loaded / event.total); };
-    request.onload = () => {
-      let body = null;
-      try { body = JSON.parse(request.responseText); } catch (_) { /* not JSON */ }
-      if (request.status >= 200 && request.status < 300) resolve(body);
-      else reject(new ApiError(request.status, body));
-    };
-    request.onerror = () => reject(new ApiError(0, { error: { code: "network_error", message: "the upload did not reach the service" } }));
-    request.send(form);
-  });
-}
-
-// ---- small DOM helpers -------------------------------------------------------------------------
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (value === null || value === undefined || value === false) continue;
-    if (name === "class") node.className = value;
-    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
-    else node.setAttribute(name, value === true ? "" : value);
-  }
-  for (const child of children.flat()) {
-    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
-  }
-  return node;
-}
-
-const pct = (value) => (value === null || value === undefined || Number.isNaN(value) ? "-" : `${(100 * value).toFixed(1)}%`);
-const when = (iso) => (iso ? new Date(iso).toLocaleString() : "-");
-
-function bytes(n) {
-  const units = ["B", "KB", "MB", "GB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
-  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
-}
-
-function duration(seconds) {
-  if (!Number.isFinite(seconds) || seconds < 0) return "";
-  if (seconds < 60) return `${Math.round(seconds)} s`;
-  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
-  return `${Math.floor(seconds / 3600)} h ${Math.round((seconds % 3600) / 60)} min`;
-}
-
-function statusBadge(status) { return el("span", { class: `status ${status}` }, status); }
-
-function toast(message) {
-  const box = $("#toast");
-  box.textContent = message;
-  box.hidden = false;
-  clearTimeout(toast.timer);
-  toast.timer = setTimeout(() => { box.hidden = true; }, 4000);
-}
-
-// Errors go next to the field the API names (`param`), else to the form's general slot.
-function clearErrors(root) {
-  $$("[data-error-for]", root).forEach((node) => { node.textContent = ""; });
-  $$(".field-error", root).forEach((node) => node.classList.remove("field-error"));
-}
-
-function showError(root, error, fallback = "general") {
-  const param = error.param || "";
-  const slot = $(`[data-error-for="${CSS.escape(param)}"]`, root)
-    || (param.startsWith("config.") && $('[data-error-for="config"]', root))
-    || $(`[data-error-for="${fallback}"]`, root);
-  const text = error.code ? `${error.message} (${error.code})` : error.message;
-  if (slot) slot.textContent = text; else toast(text);
-  const field = param && $(`[name="${CSS.escape(param.replace(/^config\./, ""))}"]`, root);
-  if (field) field.classList.add("field-error");
-}
-
-// ---- charts (inline SVG, no library) -----------------------------------------------------------
-
-const SVG = "http://www.w3.org/2000/svg";
-function svg(tag, attrs = {}) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
-  return node;
-}
-
-function lineChart(container, series, { min, max } = {}) {
-  container.replaceChildren();
-  const points = series.flatMap((s) => s.points);
-  if (!points.length) { container.append(el("p", { class: "muted" }, "waiting for the first steps...")); return; }
-  const width = 280, height = 150, left = 34, bottom = 18, top = 6, right = 8;
-  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
-  let y0 = min ?? Math.min(...ys), y1 = max ?? Math.max(...ys);
-  if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
-  const sx = (x) => left + ((x - x0) / (x1 - x0)) * (width - left - right);
-  const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img" });
-  chart.append(svg("line", { class: "axis", x1: left, y1: height - bottom, x2: width - right, y2: height - bottom }));
-  chart.append(svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: height - bottom }));
-  for (const [value, y] of [[y1, top + 8], [y0, height - bottom]]) {
-    const label = svg("text", { x: 2, y });
-    label.textContent = Math.abs(value) >= 100 ? value.toFixed(0) : value.toFixed(2);
-    chart.append(label);
-  }
-  const steps = svg("text", { x: width - right - 60, y: height - 4 });
-  steps.textContent = `step ${x0}-${x1}`;
-  chart.append(steps);
-  series.forEach((s) => {
-    if (!s.points.length) return;
-    const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
-    chart.append(svg("path", { d, fill: "none", stroke: s.color, "stroke-width": 2 }));
-    if (s.points.length === 1) {
-      chart.append(svg("circle", { cx: sx(s.points[0][0]), cy: sy(s.points[0][1]), r: 3, fill: s.color }));
-    }
-  });
-  container.append(chart);
-  if (series.length > 1) {
-    container.append(el("div", { class: "legend" }, series.filter((s) => s.points.length).map((s) => {
-      const swatch = el("span", { class: "swatch" });
-      swatch.style.background = s.color;
-      return el("span", {}, swatch, s.name);
-    })));
-  }
-}
-
-// Horizontal bars: rows of {label, values: [number...]} drawn against the largest value.
-function barChart(container, rows, names, format = (v) => String(v)) {
-  container.replaceChildren();
-  const top = Math.max(1e-9, ...rows.flatMap((r) => r.values));
-  const box = el("div", { class: "bars" });
-  if (names.length > 1) {
-    box.append(el("div", { class: "legend" }, names.map((name, i) => {
-      const swatch = el("span", { class: "swatch" });
-      swatch.style.background = i ? "#9aa5b8" : "#2f6fde";
-      return el("span", {}, swatch, name);
-    })));
-  }
-  rows.forEach((row) => {
-    row.values.forEach((value, i) => {
-      const fill = el("div", { class: i ? "fill zero" : "fill" });
-      fill.style.width = `${(100 * value) / top}%`;
-      box.append(el("div", { class: "bar-row" },
-        el("span", { class: "label", title: row.label }, i ? "" : row.label), el("div", { class: "track" }, fill),
-        el("span", {}, format(value))));
-    });
-  });
-  container.append(box);
-}
 
 // ---- views and routing --------------------------------------------------------------------------
 
@@ -223,7 +33,7 @@ function show(view) {
 }
 
 function signOut(message) {
-  sessionStorage.removeItem(KEY_STORAGE);
+  forgetApiKey();
   $("#nav").hidden = true;
   go("#/signin");
   if (message) $('[data-error-for="key"]').textContent = message;
@@ -257,7 +67,7 @@ async function signIn(event) {
     showError(form, error, "key");
     return;
   }
-  sessionStorage.setItem(KEY_STORAGE, key);
+  keepApiKey(key);
   $("#api-key").value = "";
   go("#/adaptations");
 }
@@ -688,6 +498,8 @@ function setUpDrop() {
 }
 
 // ---- start --------------------------------------------------------------------------------------
+
+onUnauthorized((message) => signOut(message));
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#signin-form").addEventListener("submit", signIn);
