@@ -5,6 +5,9 @@ Training-free and transductive (they see every image of the target at once, as b
   MUST's fairness term assumes (the balanced assignment of SwAV / SeLa), then argmax.
 - `em_prior`: EM re-estimation of the target's class prior (Saerens, Latinne & Decaestecker, 2002), with the
   zero-shot head's implied prior taken as uniform, then the re-weighted posterior's argmax.
+- `label_propagation`: the balanced zero-shot labels diffused over the target's k-nearest-neighbour graph of
+  image embeddings (Zhou et al. 2004; the transductive step of ZLaP, Stojnic et al. 2024, seeded with the
+  zero-shot probabilities instead of text nodes), then balanced again.
 A cheap tuning one:
 - `tent`: entropy minimisation on the image tower's LayerNorm affine parameters (TENT, Wang et al. 2021), with
   the marginal-entropy (diversity) term of SHOT/UEO so that it cannot collapse onto one class; one pass.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from must_engine.balance import sinkhorn_class_bias
@@ -44,6 +48,34 @@ def em_prior(probs: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7
         if converged:
             break
     return posterior.float()
+
+
+def label_propagation(
+    embeddings: torch.Tensor, probs: torch.Tensor, *, k: int = 5, alpha: float = 0.5, power: float = 3.0,
+    iterations: int = 20,
+) -> torch.Tensor:
+    """Z = alpha * S Z + (1 - alpha) * Y0 on the symmetric, normalised kNN graph S (edge weights: cosine^power,
+    ZLaP's sharpening), from Y0 = the balanced zero-shot probabilities. k and alpha were set on the dev shift."""
+    x = F.normalize(embeddings.float(), dim=-1)
+    similarity = x @ x.T
+    similarity.fill_diagonal_(float("-inf"))  # no self-loops
+    nearest, index = similarity.topk(min(k, len(x) - 1), dim=1)
+    graph = torch.zeros_like(similarity).scatter_(1, index, nearest.clamp(min=0) ** power)
+    graph = graph + graph.T
+    scale = graph.sum(dim=1).clamp(min=1e-12).rsqrt()
+    graph = scale[:, None] * graph * scale[None, :]
+    seeds = sinkhorn_balance(probs)
+    labels = seeds
+    for _ in range(iterations):
+        labels = alpha * graph @ labels + (1 - alpha) * seeds
+    return sinkhorn_balance(labels / labels.sum(dim=1, keepdim=True))
+
+
+@torch.inference_mode()
+def image_embeddings(classifier: ImageClassifier, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N, D) image-tower embeddings of preprocessed pixels, the space the head's cosine is taken in."""
+    classifier.eval()
+    return torch.cat([classifier.visual(chunk) for chunk in pixels.split(batch_size)]).float()
 
 
 def tent(

@@ -6,7 +6,8 @@ labels (transductive adaptation, the paper's section 4.8); only scoring reads th
   `auto_balanced`: auto's probabilities balanced over the target (Sinkhorn, as `balanced` below);
 - the Table 5 ablation `self_training`, `st_mim`, `must` with the CALIBRATED hyperparameters (picked on the
   dev shift only) plus --preset/--set, the same for every shift, and each one `_balanced` like auto;
-- peers (benchmarks/peers.py): `balanced`, `em_prior` (training-free), `tent` (norm-layer entropy tuning).
+- peers (benchmarks/peers.py): `balanced`, `em_prior`, `label_propagation` (training-free), `tent` (norm-layer
+  entropy tuning).
 
 Rows are appended to --jsonl as each run finishes ({target, variant, seed, top1, ...}); a rerun skips the rows
 already there, so a table of several hours survives interruptions.
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.peers import em_prior, sinkhorn_balance, tent
+from benchmarks.peers import em_prior, image_embeddings, label_propagation, sinkhorn_balance, tent
 from must_engine import Predictor, adapt, resolve_job_config
 from must_engine.cli import parse_override
 from must_engine.evaluate import class_key, labelled_folders
@@ -51,6 +52,8 @@ PEERS: dict[str, Callable[[Predictor, torch.Tensor, torch.Tensor, int], torch.Te
     "balanced": lambda predictor, pixels, probs, seed: sinkhorn_balance(probs),
     "em_prior": lambda predictor, pixels, probs, seed: em_prior(probs),
     "tent": lambda predictor, pixels, probs, seed: tent(predictor.classifier, pixels, seed=seed),
+    "label_propagation": lambda predictor, pixels, probs, seed: label_propagation(
+        image_embeddings(predictor.classifier, pixels), probs),
 }
 VARIANTS = ["zero_shot", "auto", "auto_balanced", *ABLATION, *(f"{v}_balanced" for v in ABLATION), *PEERS]
 
