@@ -5,8 +5,8 @@ delivered twice runs once. While it runs, a heartbeat thread touches the row eve
 a row left `running` with no heartbeat for a lease period lost its worker, and is claimed again (by a
 redelivered message, or one the API's sweeper sends). Each claim increments `attempts`, and every later write
 of the claimer is conditional on that number: a worker that was presumed dead and comes back can neither
-finish the row another worker now holds nor delete its images. The images are deleted when the claimer
-ends the row, however it ends.
+finish the row another worker now holds nor delete its images. The claimer deletes the images just before
+it ends the row, however it ends.
 """
 
 from __future__ import annotations
@@ -50,22 +50,24 @@ class EvaluationRunner:
         if claimed is None:
             return "skipped: finished, deleted or running elsewhere"
         images_key, artifact_prefix = claimed
-        with Heartbeat(self._update, self.settings.lease_seconds / 3):
+        with Heartbeat(self._touch, self.settings.lease_seconds / 3):
             try:
                 results = self._score(images_key, artifact_prefix)
             except Exception as exc:
                 code, message = ((exc.code, exc.message) if isinstance(exc, InputError)
                                  else ("evaluation_failed", str(exc)))
                 log.exception("evaluation %s failed", self.evaluation_id)
-                outcome, ended = f"failed: {code}", self._finish(EvaluationStatus.FAILED, error_code=code,
-                                                                 error_message=message)
+                status, values = EvaluationStatus.FAILED, dict[str, Any](error_code=code, error_message=message)
             else:
-                outcome, ended = "succeeded", self._finish(EvaluationStatus.SUCCEEDED, results=results,
-                                                           progress={"fraction": 1.0})
-        if not ended:
-            return "abandoned: another worker claimed it"  # its images are that worker's now
-        self.store.delete_prefix(images_key)
-        return outcome
+                status, values = EvaluationStatus.SUCCEEDED, dict[str, Any](results=results, progress={"fraction": 1.0})
+            # The images go before the row ends, so a finished audit never has any left; but only while the
+            # claim is still this runner's, or they are another worker's now.
+            if not self._touch():
+                return "abandoned: another worker claimed it"
+            self.store.delete_prefix(images_key)
+            if not self._finish(status, **values):
+                return "abandoned: another worker claimed it"
+        return "succeeded" if status == EvaluationStatus.SUCCEEDED else f"failed: {values['error_code']}"
 
     def _claim(self) -> tuple[str, str] | None:
         now = utcnow()
@@ -105,13 +107,19 @@ class EvaluationRunner:
             extract_archive(root / "images.zip", root / "labelled", limits)  # checked again: it left our hands
             return audit(root / "artifact", root / "labelled", device=self.settings.device,
                          fetch_weights=WeightsFetcher(self.store, self.settings),
-                         on_progress=lambda fraction: self._update(progress={"fraction": fraction}))
+                         on_progress=self._report)
 
-    def _update(self, **values: Any) -> None:
-        """Touch the row (the heartbeat) and write `values`, while this runner holds it."""
+    def _touch(self, **values: Any) -> bool:
+        """Touch the row (the heartbeat) and write `values`, if this runner still holds it."""
         with transaction(self.session_factory) as session:
-            session.execute(update(Evaluation).where(self._mine()).values(updated_at=utcnow(), **values)
-                            .execution_options(synchronize_session=False))
+            changed = cast(CursorResult[Any], session.execute(
+                update(Evaluation).where(self._mine()).values(updated_at=utcnow(), **values)
+                .execution_options(synchronize_session=False)
+            ))
+            return changed.rowcount == 1
+
+    def _report(self, fraction: float) -> None:
+        self._touch(progress={"fraction": fraction})
 
     def _finish(self, status: EvaluationStatus, **values: Any) -> bool:
         """End the row if this runner still holds it; a success queues its `evaluation.succeeded` webhooks in
@@ -136,7 +144,7 @@ class Heartbeat:
     """A thread that calls `beat` every `interval` seconds until the block ends; a failed beat (a database
     restart) is logged and retried at the next interval."""
 
-    def __init__(self, beat: Callable[[], None], interval: float) -> None:
+    def __init__(self, beat: Callable[[], object], interval: float) -> None:
         self.beat, self.interval = beat, interval
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="evaluation-heartbeat", daemon=True)

@@ -98,7 +98,7 @@ def test_a_dead_workers_audit_goes_back_to_the_queue_and_is_claimed_again(world,
 def test_a_live_heartbeat_keeps_the_sweeper_away_and_a_stopped_one_does_not(world, sessions, team, model_id) -> None:
     runner = EvaluationRunner(world.settings, sessions, world.store, _audit(sessions, team.id, model_id))
     assert runner._claim() is not None
-    with Heartbeat(runner._update, 0.1):
+    with Heartbeat(runner._touch, 0.1):
         time.sleep(1.2)  # four lease periods of 0.3 s with no progress report: only the heartbeat touches it
         assert _sweep(sessions, lease=0.3).resend == []
     time.sleep(0.6)
