@@ -73,7 +73,7 @@ class EvaluationRunner:
         now = utcnow()
         stale = now - timedelta(seconds=self.settings.lease_seconds)
         with transaction(self.session_factory) as session:
-            taken = cast(CursorResult[Any], session.execute(
+            claimed = session.execute(
                 update(Evaluation)
                 .where(
                     Evaluation.id == self.evaluation_id,
@@ -82,16 +82,13 @@ class EvaluationRunner:
                 )
                 .values(status=EvaluationStatus.RUNNING, attempts=Evaluation.attempts + 1, updated_at=now,
                         started_at=now, progress={"fraction": 0.0})
-                .returning(Evaluation.attempts)
+                .returning(Evaluation.attempts, Evaluation.images_key, Evaluation.model_id)
                 .execution_options(synchronize_session=False)
-            ))
-            attempt = taken.scalar_one_or_none()
-            if attempt is None:
+            ).one_or_none()
+            if claimed is None:
                 return None
-            self.attempt = attempt
-            row = session.get_one(Evaluation, self.evaluation_id)
-            model = session.get_one(Model, row.model_id)
-            return row.images_key, model.artifact_prefix
+            self.attempt, images_key, model_id = claimed
+            return images_key, session.get_one(Model, model_id).artifact_prefix
 
     def _mine(self) -> Any:
         """The row, while this runner's claim is the current one."""

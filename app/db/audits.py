@@ -43,20 +43,20 @@ def sweep_audits(
     for evaluation_id, status, attempts, images_key in rows:
         as_read = and_(Evaluation.id == evaluation_id, Evaluation.status == status,
                        Evaluation.attempts == attempts, stranded)
-        if status == EvaluationStatus.RUNNING and attempts >= max_attempts:
-            values: dict[str, Any] = dict(
+        give_up = status == EvaluationStatus.RUNNING and attempts >= max_attempts
+        values: dict[str, Any] = {"status": EvaluationStatus.QUEUED}  # a lost message, or a dead worker: again
+        if give_up:
+            values = dict(
                 status=EvaluationStatus.FAILED, finished_at=now, error_code="attempts_exhausted",
                 error_message=f"gave up after {attempts} attempts (workers lost or infrastructure unavailable)",
             )
-        else:  # a lost message, or a dead worker with attempts left: back in the queue
-            values = dict(status=EvaluationStatus.QUEUED)
         changed = cast(CursorResult[Any], session.execute(
             update(Evaluation).where(as_read).values(updated_at=now, **values)
             .execution_options(synchronize_session=False)
         ))
         if changed.rowcount != 1:
             continue
-        if values["status"] == EvaluationStatus.FAILED:
+        if give_up:
             result.given_up.append(images_key)
         else:
             result.resend.append(evaluation_id)
