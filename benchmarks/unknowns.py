@@ -7,9 +7,12 @@ drawn in random colours, sizes and places) and `textures` (crops of the DTD phot
 ../shared/datasets/dtd10). HELD_OUT (`textures`) was kept out of every choice (score, threshold rule,
 weighting): the choices were made on the pooled AUROC of the other kinds only, and it is reported apart.
 
-Adaptation reads the whole folder without labels; only scoring reads them. Variants: `zero_shot`, `must`
+Adaptation reads the whole folder without labels; only scoring reads them. Variants: `zero_shot`,
+`balanced` (the training-free peer: zero-shot with Sinkhorn class offsets over the whole bucket), `must`
 (the paper's MUST: benchmarks.quality's CALIBRATED + --set, `unknown_weighting=off`), `must_robust` (the
-same with `unknown_weighting=ueo`) and `must_ueo_zero_shot` (`unknown_weighting=ueo_zero_shot`). Per
+same with `unknown_weighting=ueo`), `must_ueo_zero_shot` (`unknown_weighting=ueo_zero_shot`), and the
+product's default, `auto` (`must adapt` with no settings; CALIBRATED and --set do not apply) and
+`auto_ueo_zero_shot` (the same with `unknown_weighting=ueo_zero_shot`). Per
 variant and mix: known-class top-1 (on the known images of the bucket), AUROC and FPR at 95% TPR of
 known vs unknown for every candidate score (positives = known images; FPR95 = share of unknown images
 taken for known at the threshold that keeps 95% of the known ones), the same per unknown kind, and what
@@ -36,6 +39,7 @@ from benchmarks.proxy_clip import SHARED_DATASETS
 from benchmarks.quality import CALIBRATED
 from benchmarks.shifts import apply_shift, shifted_test_set
 from must_engine import Predictor, adapt, resolve_job_config
+from must_engine.balance import sinkhorn_class_bias
 from must_engine.cli import parse_override
 from must_engine.images import find_images, open_image
 from must_engine.unknown import OOD_SCORE, SCORES, fit_threshold, is_unknown, ood_score
@@ -43,8 +47,10 @@ from must_engine.unknown import OOD_SCORE, SCORES, fit_threshold, is_unknown, oo
 KINDS = ("noise", "flat", "digits", "textures")
 HELD_OUT = "textures"
 MIXES = (0.0, 0.2, 0.4)
-VARIANTS = ("zero_shot", "must", "must_robust", "must_ueo_zero_shot")
-WEIGHTING = {"must": "off", "must_robust": "ueo", "must_ueo_zero_shot": "ueo_zero_shot"}
+VARIANTS = ("zero_shot", "balanced", "must", "must_robust", "must_ueo_zero_shot", "auto", "auto_ueo_zero_shot")
+WEIGHTING = {"must": "off", "must_robust": "ueo", "must_ueo_zero_shot": "ueo_zero_shot", "auto": "off",
+             "auto_ueo_zero_shot": "ueo_zero_shot"}
+CALIBRATED_VARIANTS = ("must", "must_robust", "must_ueo_zero_shot")  # the others: no CALIBRATED, no --set
 DTD_DIR = SHARED_DATASETS / "dtd10"
 
 
@@ -86,7 +92,7 @@ def _crop(image: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray
 
 def write_bucket(out: Path, shift: str, share: float, known: int, seed: int) -> Path:
     """A bucket of `known` shifted CIFAR-10 test images plus unknown images making `share` of the whole."""
-    folder = out / f"{shift}-{round(100 * share):02d}"
+    folder = out / f"{shift}-{round(100 * share):02d}-seed{seed}"  # the seed draws the images: one folder each
     if (folder / "done").exists():
         return folder
     data, index = shifted_test_set(shift, seed=seed, limit=known)
@@ -182,11 +188,14 @@ def model_logits(predictor: Predictor, paths: list[Path]) -> torch.Tensor:
 def run_variant(variant: str, folder: Path, class_names: list[str], *, base_model: str,
                 overrides: dict[str, Any], device: str, seed: int, keep: Path | None = None) -> dict[str, Any]:
     paths, labels, kinds = bucket_samples(folder, class_names)
-    if variant == "zero_shot":
+    if variant in ("zero_shot", "balanced"):
         predictor = Predictor.zero_shot(base_model, class_names, device=device)
-        threshold = None  # fitted on the bucket's zero-shot scores, as adaptation does
+        if variant == "balanced":  # the training-free peer: Sinkhorn offsets over the whole bucket
+            predictor.classifier.class_bias.copy_(sinkhorn_class_bias(model_logits(predictor, paths).softmax(-1)))
+        threshold = None  # fitted on the bucket's scores, as adaptation does
     else:
-        config = resolve_job_config("auto", {**overrides, "unknown_weighting": WEIGHTING[variant], "seed": seed},
+        fields = {**overrides, "seed": seed} if variant in CALIBRATED_VARIANTS else {"seed": seed}
+        config = resolve_job_config("auto", {**fields, "unknown_weighting": WEIGHTING[variant]},
                                     num_images=len(paths), num_classes=len(class_names), base_model=base_model)
         with tempfile.TemporaryDirectory() as scratch:
             out = keep / f"{folder.name}-{variant}-{seed}" if keep is not None else Path(scratch)
@@ -199,37 +208,75 @@ def run_variant(variant: str, folder: Path, class_names: list[str], *, base_mode
 
 
 def print_summary(rows: list[dict[str, Any]], score: str) -> None:
-    """One line per mix and variant: known top-1 (and gain over zero-shot), AUROC and FPR95 of `score`."""
+    """One line per mix, variant and seed: known top-1 (and gain over zero-shot), AUROC and FPR95 of `score`."""
     print(f"score: {score}; AUROC / FPR95 in %, positives = known images; held-out kind: {HELD_OUT}")
-    print("| mix | variant | known top-1 | gain vs zero-shot | AUROC (tuning kinds) | AUROC (held-out) | "
+    print("| mix | variant | seed | known top-1 | gain vs zero-shot | AUROC (tuning kinds) | AUROC (held-out) | "
           "AUROC (all) | FPR95 (all) | flagged: known / unknown |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    zero = {(r["shift"], r["share"]): r["top1_known"] for r in rows if r["variant"] == "zero_shot"}
-    for row in sorted(rows, key=lambda r: (r["shift"], r["share"], VARIANTS.index(r["variant"]))):
-        base = zero.get((row["shift"], row["share"]))
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    zero = {(r["shift"], r["share"], r["seed"]): r["top1_known"] for r in rows if r["variant"] == "zero_shot"}
+    for row in sorted(rows, key=_order):
+        base = zero.get((row["shift"], row["share"], row["seed"]))
         gain = f"{100 * (row['top1_known'] - base):+.2f}" if base is not None else "-"
 
         def cell(key: str, row: dict[str, Any] = row) -> str:
             return f"{100 * row[key]:.2f}" if key in row else "-"
 
         flagged = f"{cell('flagged_known')} / {cell('flagged_unknown')}"
-        print(f"| {row['shift']} {round(100 * row['share'])}% | {row['variant']} | {cell('top1_known')} | {gain} | "
-              f"{cell(f'auroc_{score}_tuning')} | {cell(f'auroc_{score}_held_out')} | {cell(f'auroc_{score}_all')} | "
-              f"{cell(f'fpr95_{score}_all')} | {flagged} |")
+        print(f"| {row['shift']} {round(100 * row['share'])}% | {row['variant']} | {row['seed']} | "
+              f"{cell('top1_known')} | {gain} | {cell(f'auroc_{score}_tuning')} | {cell(f'auroc_{score}_held_out')} | "
+              f"{cell(f'auroc_{score}_all')} | {cell(f'fpr95_{score}_all')} | {flagged} |")
+
+
+def print_over_seeds(rows: list[dict[str, Any]], score: str) -> None:
+    """Mean (min-max) over seeds per mix and variant, beside the issue's targets: the gain over zero-shot, what
+    the unknown images cost of the variant's clean gain (same seed), and AUROC's margin over zero-shot's."""
+    by_key = {(r["shift"], r["share"], r["variant"], r["seed"]): r for r in rows}
+
+    def spread(values: list[float]) -> str:
+        return f"{np.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})" if values else "-"
+
+    print(f"score: {score}; mean (min to max) over seeds, points")
+    print("| mix | variant | seeds | known top-1 | gain vs zero-shot | cost vs the clean gain | AUROC (all) | "
+          "AUROC - zero-shot's | AUROC (held-out) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shift, share, variant in sorted({k[:3] for k in by_key}, key=lambda k: _order(dict(zip(
+            ("shift", "share", "variant"), k, strict=True)))):
+        seeds = sorted(k[3] for k in by_key if k[:3] == (shift, share, variant))
+        top1, gain, cost, auc, auc_margin, held = [], [], [], [], [], []
+        for seed in seeds:
+            row, zero = by_key[shift, share, variant, seed], by_key.get((shift, share, "zero_shot", seed))
+            clean = by_key.get((shift, 0.0, variant, seed))
+            top1.append(100 * row["top1_known"])
+            if zero is not None:
+                gain.append(100 * (row["top1_known"] - zero["top1_known"]))
+                if f"auroc_{score}_all" in row:
+                    auc_margin.append(100 * (row[f"auroc_{score}_all"] - zero[f"auroc_{score}_all"]))
+            if clean is not None and share > 0:
+                cost.append(100 * (clean["top1_known"] - row["top1_known"]))
+            if f"auroc_{score}_all" in row:
+                auc.append(100 * row[f"auroc_{score}_all"])
+                held.append(100 * row[f"auroc_{score}_held_out"])
+        print(f"| {shift} {round(100 * share)}% | {variant} | {len(seeds)} | {spread(top1)} | {spread(gain)} | "
+              f"{spread(cost)} | {spread(auc)} | {spread(auc_margin)} | {spread(held)} |")
+
+
+def _order(row: dict[str, Any]) -> tuple[str, float, int, int]:
+    return row["shift"], row["share"], VARIANTS.index(row["variant"]), row.get("seed", 0)
 
 
 def print_detail(rows: list[dict[str, Any]]) -> None:
     """AUROC of every candidate score per mix and variant, on the tuning kinds, the held-out kind and each kind."""
     kinds = [k for k in KINDS if any(f"auroc_msp_{k}" in r for r in rows)]
     groups = ["tuning", "held_out", *kinds]
-    print("| mix | variant | score | " + " | ".join(f"AUROC {g}" for g in groups) + " |")
-    print("|---" * (len(groups) + 3) + "|")
-    for row in sorted(rows, key=lambda r: (r["shift"], r["share"], VARIANTS.index(r["variant"]))):
+    print("| mix | variant | seed | score | " + " | ".join(f"AUROC {g}" for g in groups) + " |")
+    print("|---" * (len(groups) + 4) + "|")
+    for row in sorted(rows, key=_order):
         if row["n_unknown"] == 0:
             continue
         for score in SCORES:
             cells = [f"{100 * row[f'auroc_{score}_{g}']:.2f}" if f"auroc_{score}_{g}" in row else "-" for g in groups]
-            print(f"| {row['shift']} {round(100 * row['share'])}% | {row['variant']} | {score} | " + " | ".join(cells)
+            print(f"| {row['shift']} {round(100 * row['share'])}% | {row['variant']} | {row['seed']} | {score} | "
+                  + " | ".join(cells)
                   + " |")
 
 
@@ -254,6 +301,8 @@ def main() -> None:
     if args.summary:
         rows = [json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()]
         print_summary(rows, args.score)
+        print()
+        print_over_seeds(rows, args.score)
         if args.detail:
             print()
             print_detail(rows)
@@ -275,7 +324,8 @@ def main() -> None:
             row = run_variant(variant, folder, [str(c) for c in class_names], base_model=args.base_model,
                               overrides=overrides, device=args.device, seed=args.seed, keep=args.keep_models)
             row = {"shift": args.shift, "share": share, "variant": variant, "seed": args.seed,
-                   "overrides": overrides, "seconds": time.perf_counter() - started, **row}
+                   "overrides": overrides if variant in CALIBRATED_VARIANTS else {},  # what the variant applied
+                   "seconds": time.perf_counter() - started, **row}
             print(json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
             if args.jsonl is not None:
                 args.jsonl.parent.mkdir(parents=True, exist_ok=True)

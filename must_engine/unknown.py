@@ -21,7 +21,9 @@ classes, so likely-unknown images are pushed towards "no class" instead of into 
 that confidence for MUST's self-training (cross-entropy to the pseudo-label x confidence) and fairness
 (p_bar averaged with 1 / confidence) terms: `UnknownWeighting` takes it from the EMA teacher on the weak
 view (`ueo`) or, as UEO's reference code does, from a frozen copy of the zero-shot model (`ueo_zero_shot`).
-On the tiny proxy neither helps much (docs/BENCHMARKS.md, section 9).
+On the tiny proxy neither helps much (docs/BENCHMARKS.md, section 9). What does separate unknown images
+there is `auto`'s class balancing over the whole bucket: it lowers the offsets of the classes unknown images
+crowd, so they end up between classes (section 9.1).
 """
 
 from __future__ import annotations

@@ -47,3 +47,24 @@ def test_a_bucket_holds_known_images_by_class_and_unknown_ones_in_the_asked_shar
     assert sorted({k for k in kinds if k != "known"}) == sorted(unknowns.KINDS)
     assert all((label >= 0) == (kind == "known") for label, kind in zip(labels.tolist(), kinds, strict=True))
     assert unknowns.write_bucket(tmp_path, "brightness", 0.4, known=30, seed=0) == folder  # reused, not rewritten
+    other = unknowns.write_bucket(tmp_path, "brightness", 0.4, known=30, seed=1)  # another draw, its own folder
+    assert other != folder and len(unknowns.bucket_samples(other, classes)[0]) == 50
+    assert unknowns.bucket_samples(other, classes)[1].tolist() != labels.tolist()
+
+
+def test_the_seed_table_charges_each_seed_its_own_clean_gain(capsys: pytest.CaptureFixture[str]) -> None:
+    def row(share: float, variant: str, seed: int, top1: float, auroc: float | None = None) -> dict[str, object]:
+        extra = {} if auroc is None else {"auroc_entropy_all": auroc, "auroc_entropy_held_out": auroc}
+        return {"shift": "fog", "share": share, "variant": variant, "seed": seed, "top1_known": top1, **extra}
+
+    rows = [row(0.0, "zero_shot", 0, 0.40), row(0.0, "auto", 0, 0.50),  # seed 0: clean gain 10
+            row(0.4, "zero_shot", 0, 0.40, 0.60), row(0.4, "auto", 0, 0.48, 0.70),  # gain 8: costs 2
+            row(0.0, "zero_shot", 1, 0.30), row(0.0, "auto", 1, 0.36),  # seed 1: clean gain 6
+            row(0.4, "zero_shot", 1, 0.30, 0.50), row(0.4, "auto", 1, 0.36, 0.56)]  # gain 6: costs 0
+    unknowns.print_over_seeds(rows, "entropy")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| fog 40% | auto |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[2] == "2"
+    assert cells[4] == "7.00 (6.00 to 8.00)"  # gain over each seed's own zero-shot
+    assert cells[5] == "1.00 (0.00 to 2.00)"  # clean gain minus gain, seed by seed
+    assert cells[7] == "8.00 (6.00 to 10.00)"  # AUROC over zero-shot's
