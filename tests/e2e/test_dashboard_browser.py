@@ -354,6 +354,40 @@ def test_the_whole_flow_in_the_browser(
     assert browser.execute_script("return sessionStorage.getItem('must.apiKey')") is None
 
 
+def test_models_page_on_past_the_first_and_any_model_can_be_tried(browser, live_url, stack, make_team) -> None:
+    """A team with more models than one page: "Older..." reaches the oldest, and Try-it selects a model that
+    is not on its list's page. The rows are written straight to the database (listing reads nothing else)."""
+    from app.db.models import Model as ModelRow
+
+    team = make_team(stack.session_factory)
+    page = 50  # MODELS_PAGE in dashboard.js
+    with stack.session_factory() as session:
+        rows = [ModelRow(team_id=team.id, adaptation_id=f"adp_listing_{team.id[-8:]}_{i:03d}", class_names=CLASSES,
+                         base_model=stack.base_model, artifact_prefix=f"teams/{team.id}/models/none-{i}")
+                for i in range(page + 1)]
+        session.add(rows[0])
+        session.flush()  # ids are time-ordered (milliseconds): the first row is the oldest
+        time.sleep(0.01)
+        session.add_all(rows[1:])
+        session.commit()
+        oldest = rows[0].id
+    listed = httpx.get(f"{live_url}/models", headers=team.headers, params={"limit": page}).json()
+    assert listed["has_more"] and oldest not in {m["id"] for m in listed["data"]}
+
+    _sign_in(browser, live_url, team.key)
+    _wait(browser, lambda: _css(browser, "#view-adaptations").is_displayed())
+    browser.get(f"{live_url}/#/models")
+    _wait(browser, lambda: len(_all(browser, "#model-rows tr[data-id]")) == page)
+    assert not _all(browser, f'#model-rows tr[data-id="{oldest}"]')
+    _css(browser, "#models-more").click()
+    _wait(browser, lambda: len(_all(browser, "#model-rows tr[data-id]")) == page + 1)
+    assert _all(browser, f'#model-rows tr[data-id="{oldest}"]') and not _css(browser, "#models-more").is_displayed()
+
+    _css(browser, f'#model-rows tr[data-id="{oldest}"] a.button').click()  # its "Try" link
+    _wait(browser, lambda: _css(browser, "#try-model").get_attribute("value") == oldest)
+    assert len(_all(browser, "#try-model option")) == page + 1  # the newest page and the one asked for
+
+
 def test_thumbnail_route_refuses_unknown_names_and_sizes(stack, make_team, dtd_images) -> None:
     team = make_team(stack.session_factory)
     created = stack.submit(team, dtd_images.zip(dtd_images.paths(8)))

@@ -9,6 +9,7 @@ import { downloadArtifact, loadAudits, renderGallery, renderReport } from "./res
 
 const FINAL = ["succeeded", "failed", "cancelled"];
 const POLL_MS = 1500;
+const MODELS_PAGE = 50;  // the Models page pages on with "Older..."; Try-it lists the newest page
 
 // ---- views and routing --------------------------------------------------------------------------
 
@@ -264,25 +265,35 @@ async function showResults(view, adaptationId) {
 
 // ---- models -------------------------------------------------------------------------------------
 
+function modelRow(m) {
+  const est = m.report && m.report.estimated_top1;
+  return el("tr", { "data-id": m.id },
+    el("td", {}, el("a", { href: `#/adaptations/${m.adaptation_id}/results` }, m.id)),
+    el("td", {}, m.class_names.join(", ")),
+    el("td", {}, m.base_model),
+    el("td", {}, est ? `${pct(est.adapted)} (zero-shot ${pct(est.zero_shot)})` : "-"),
+    el("td", {}, bytes(m.artifact_bytes)),
+    el("td", {}, when(m.created_at)),
+    el("td", { class: "actions" },
+      el("button", { type: "button", class: "secondary download", onclick: () => downloadArtifact(m.id) }, "Download"), " ",
+      el("a", { class: "button secondary", href: `#/try/${m.id}` }, "Try"), " ",
+      el("button", { type: "button", class: "danger delete", onclick: () => deleteModel(m) }, "Delete")));
+}
+
+async function loadModels(after) {
+  const page = await api(`/models?limit=${MODELS_PAGE}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+  const body = $("#model-rows");
+  if (!after) body.replaceChildren();
+  page.data.forEach((m) => body.append(modelRow(m)));
+  if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No models yet: an adaptation that succeeds makes one.")));
+  const more = $("#models-more");
+  more.hidden = !page.has_more;
+  more.onclick = () => loadModels(page.data[page.data.length - 1].id);
+}
+
 async function showModels() {
   show("models");
-  const page = await api("/models?limit=100");
-  const body = $("#model-rows");
-  body.replaceChildren(...page.data.map((m) => {
-    const est = m.report && m.report.estimated_top1;
-    return el("tr", { "data-id": m.id },
-      el("td", {}, el("a", { href: `#/adaptations/${m.adaptation_id}/results` }, m.id)),
-      el("td", {}, m.class_names.join(", ")),
-      el("td", {}, m.base_model),
-      el("td", {}, est ? `${pct(est.adapted)} (zero-shot ${pct(est.zero_shot)})` : "-"),
-      el("td", {}, bytes(m.artifact_bytes)),
-      el("td", {}, when(m.created_at)),
-      el("td", { class: "actions" },
-        el("button", { type: "button", class: "secondary download", onclick: () => downloadArtifact(m.id) }, "Download"), " ",
-        el("a", { class: "button secondary", href: `#/try/${m.id}` }, "Try"), " ",
-        el("button", { type: "button", class: "danger delete", onclick: () => deleteModel(m) }, "Delete")));
-  }));
-  if (!page.data.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No models yet: an adaptation that succeeds makes one.")));
+  await loadModels();
 }
 
 async function deleteModel(model) {
@@ -336,9 +347,13 @@ async function classify(file) {
 
 async function showTry(modelId) {
   show("try");
-  const page = await api("/models?limit=100");
+  const page = await api(`/models?limit=${MODELS_PAGE}`);
+  const models = page.data;
+  if (modelId && !models.some((m) => m.id === modelId)) {  // an older model, reached from its row or a link
+    models.unshift(await api(`/models/${encodeURIComponent(modelId)}`));
+  }
   const select = $("#try-model");
-  select.replaceChildren(...page.data.map((m) => el("option", { value: m.id, "data-model": JSON.stringify(m), selected: m.id === modelId },
+  select.replaceChildren(...models.map((m) => el("option", { value: m.id, "data-model": JSON.stringify(m), selected: m.id === modelId },
     `${m.id} - ${m.class_names.join(", ")}`)));
 }
 
