@@ -239,8 +239,7 @@ def print_over_seeds(rows: list[dict[str, Any]], score: str) -> None:
     print("| mix | variant | seeds | known top-1 | gain vs zero-shot | cost vs the clean gain | AUROC (all) | "
           "AUROC - zero-shot's | AUROC (held-out) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for shift, share, variant in sorted({k[:3] for k in by_key}, key=lambda k: _order(dict(zip(
-            ("shift", "share", "variant"), k, strict=True)))):
+    for shift, share, variant in sorted({k[:3] for k in by_key}, key=lambda k: (k[0], k[1], VARIANTS.index(k[2]))):
         seeds = sorted(k[3] for k in by_key if k[:3] == (shift, share, variant))
         top1, gain, cost, auc, auc_margin, held = [], [], [], [], [], []
         for seed in seeds:
@@ -261,7 +260,7 @@ def print_over_seeds(rows: list[dict[str, Any]], score: str) -> None:
 
 
 def _order(row: dict[str, Any]) -> tuple[str, float, int, int]:
-    return row["shift"], row["share"], VARIANTS.index(row["variant"]), row.get("seed", 0)
+    return row["shift"], row["share"], VARIANTS.index(row["variant"]), row["seed"]
 
 
 def print_detail(rows: list[dict[str, Any]]) -> None:
