@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +30,7 @@ from app.validation import ImageLimits, InputError, extract_archive
 from app.webhooks.outbox import record_event
 from app.weights import WeightsFetcher
 from must_engine.audit import audit
+from worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,15 @@ class EvaluationRunner:
             self.attempt, images_key, model_id = claimed
             return images_key, session.get_one(Model, model_id).artifact_prefix
 
-    def _mine(self) -> Any:
-        """The row, while this runner's claim is the current one."""
-        return and_(Evaluation.id == self.evaluation_id, Evaluation.status == EvaluationStatus.RUNNING,
+    def _write_mine(self, session: Session, **values: Any) -> bool:
+        """Touch the row and write `values`, only while this runner's claim is the current one."""
+        mine = and_(Evaluation.id == self.evaluation_id, Evaluation.status == EvaluationStatus.RUNNING,
                     Evaluation.attempts == self.attempt)
+        changed = cast(CursorResult[Any], session.execute(
+            update(Evaluation).where(mine).values(updated_at=utcnow(), **values)
+            .execution_options(synchronize_session=False)
+        ))
+        return changed.rowcount == 1
 
     def _score(self, images_key: str, artifact_prefix: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix=f"must-{self.evaluation_id}-") as scratch:
@@ -109,11 +114,7 @@ class EvaluationRunner:
     def _touch(self, **values: Any) -> bool:
         """Touch the row (the heartbeat) and write `values`, if this runner still holds it."""
         with transaction(self.session_factory) as session:
-            changed = cast(CursorResult[Any], session.execute(
-                update(Evaluation).where(self._mine()).values(updated_at=utcnow(), **values)
-                .execution_options(synchronize_session=False)
-            ))
-            return changed.rowcount == 1
+            return self._write_mine(session, **values)
 
     def _report(self, fraction: float) -> None:
         self._touch(progress={"fraction": fraction})
@@ -122,12 +123,7 @@ class EvaluationRunner:
         """End the row if this runner still holds it; a success queues its `evaluation.succeeded` webhooks in
         the same transaction. False: another worker claimed it meanwhile, and nothing was written."""
         with transaction(self.session_factory) as session:
-            changed = cast(CursorResult[Any], session.execute(
-                update(Evaluation).where(self._mine())
-                .values(updated_at=utcnow(), status=status, finished_at=utcnow(), **values)
-                .execution_options(synchronize_session=False)
-            ))
-            if changed.rowcount != 1:
+            if not self._write_mine(session, status=status, finished_at=utcnow(), **values):
                 return False
             if status == EvaluationStatus.SUCCEEDED:
                 row = session.get_one(Evaluation, self.evaluation_id)
@@ -137,26 +133,17 @@ class EvaluationRunner:
             return True
 
 
-class Heartbeat:
-    """A thread that calls `beat` every `interval` seconds until the block ends; a failed beat (a database
-    restart) is logged and retried at the next interval."""
+class Heartbeat(Periodic):
+    """Calls `beat` every `interval` seconds until the block ends; a failed beat (a database restart) is
+    logged and retried at the next interval."""
 
     def __init__(self, beat: Callable[[], object], interval: float) -> None:
-        self.beat, self.interval = beat, interval
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="evaluation-heartbeat", daemon=True)
+        super().__init__(interval, name="evaluation-heartbeat")
+        self.beat = beat
 
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stopped.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            try:
-                self.beat()
-            except Exception as exc:
-                log.warning("evaluation heartbeat failed: %s", exc)
+    def tick(self) -> bool:
+        try:
+            self.beat()
+        except Exception as exc:
+            log.warning("evaluation heartbeat failed: %s", exc)
+        return True
