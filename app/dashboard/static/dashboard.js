@@ -87,24 +87,27 @@ function adaptationRow(a) {
     el("td", {}, when(a.created_at)));
 }
 
-async function loadAdaptations(after) {
-  const page = await api(`/adaptations?limit=20${after ? `&after=${encodeURIComponent(after)}` : ""}`);
-  const body = $("#adaptation-rows");
+// A newest-first list of the API in a table: the first page, then "Older..." appends the next one.
+async function loadRows(list, after) {
+  const page = await api(`${list.path}?limit=${list.size}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+  const body = $(list.body);
   if (!after) body.replaceChildren();
-  page.data.forEach((a) => body.append(adaptationRow(a)));
-  if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 6, class: "muted" }, "None yet: start one on the left.")));
-  const more = $("#adaptations-more");
+  page.data.forEach((item) => body.append(list.row(item)));
+  if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: list.columns, class: "muted" }, list.empty)));
+  const more = $(list.more);
   more.hidden = !page.has_more;
-  more.onclick = () => loadAdaptations(page.data[page.data.length - 1].id);
-  return page;
+  more.onclick = () => loadRows(list, page.data[page.data.length - 1].id);
 }
+
+const ADAPTATIONS = { path: "/adaptations", size: 20, body: "#adaptation-rows", more: "#adaptations-more",
+  row: adaptationRow, columns: 6, empty: "None yet: start one on the left." };
 
 async function showAdaptations(view) {
   show("adaptations");
-  await loadAdaptations();
+  await loadRows(ADAPTATIONS);
   every(view, POLL_MS * 2, async () => {
     const active = $$("#adaptation-rows .status").some((s) => !FINAL.includes(s.textContent));
-    if (active) await loadAdaptations();
+    if (active) await loadRows(ADAPTATIONS);
   });
 }
 
@@ -280,20 +283,12 @@ function modelRow(m) {
       el("button", { type: "button", class: "danger delete", onclick: () => deleteModel(m) }, "Delete")));
 }
 
-async function loadModels(after) {
-  const page = await api(`/models?limit=${MODELS_PAGE}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
-  const body = $("#model-rows");
-  if (!after) body.replaceChildren();
-  page.data.forEach((m) => body.append(modelRow(m)));
-  if (!body.children.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No models yet: an adaptation that succeeds makes one.")));
-  const more = $("#models-more");
-  more.hidden = !page.has_more;
-  more.onclick = () => loadModels(page.data[page.data.length - 1].id);
-}
+const MODELS = { path: "/models", size: MODELS_PAGE, body: "#model-rows", more: "#models-more",
+  row: modelRow, columns: 7, empty: "No models yet: an adaptation that succeeds makes one." };
 
 async function showModels() {
   show("models");
-  await loadModels();
+  await loadRows(MODELS);
 }
 
 async function deleteModel(model) {
