@@ -39,7 +39,7 @@ from benchmarks.proxy_clip import SHARED_DATASETS
 from benchmarks.quality import CALIBRATED
 from benchmarks.shifts import apply_shift, shifted_test_set
 from must_engine import Predictor, adapt, resolve_job_config
-from must_engine.balance import sinkhorn_class_bias
+from must_engine.balance import balance_classes
 from must_engine.cli import parse_override
 from must_engine.images import find_images, open_image
 from must_engine.unknown import OOD_SCORE, SCORES, fit_threshold, is_unknown, ood_score
@@ -191,7 +191,7 @@ def run_variant(variant: str, folder: Path, class_names: list[str], *, base_mode
     if variant in ("zero_shot", "balanced"):
         predictor = Predictor.zero_shot(base_model, class_names, device=device)
         if variant == "balanced":  # the training-free peer: Sinkhorn offsets over the whole bucket
-            predictor.classifier.class_bias.copy_(sinkhorn_class_bias(model_logits(predictor, paths).softmax(-1)))
+            balance_classes(predictor.classifier, model_logits(predictor, paths))
         threshold = None  # fitted on the bucket's scores, as adaptation does
     else:
         fields = {**overrides, "seed": seed} if variant in CALIBRATED_VARIANTS else {"seed": seed}

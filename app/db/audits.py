@@ -44,12 +44,14 @@ def sweep_audits(
         as_read = and_(Evaluation.id == evaluation_id, Evaluation.status == status,
                        Evaluation.attempts == attempts, stranded)
         give_up = status == EvaluationStatus.RUNNING and attempts >= max_attempts
-        values: dict[str, Any] = {"status": EvaluationStatus.QUEUED}  # a lost message, or a dead worker: again
+        values: dict[str, Any]
         if give_up:
             values = dict(
                 status=EvaluationStatus.FAILED, finished_at=now, error_code="attempts_exhausted",
                 error_message=f"gave up after {attempts} attempts (workers lost or infrastructure unavailable)",
             )
+        else:
+            values = {"status": EvaluationStatus.QUEUED}  # a lost message, or a dead worker: again
         changed = cast(CursorResult[Any], session.execute(
             update(Evaluation).where(as_read).values(updated_at=now, **values)
             .execution_options(synchronize_session=False)
