@@ -2,7 +2,8 @@
 against the real service: the API served by uvicorn on a loopback port, a Celery worker, PostgreSQL,
 Redis and the S3 server. A team signs in, adapts on real DTD photos, watches the job, browses the gallery,
 audits, classifies, downloads the artifact, deletes the model, pages through more models than one page; a bad
-key and a bad upload show the API's own error message. Set MUST_DASHBOARD_SCREENSHOTS=docs/img to refresh the README's screenshots.
+key and a bad upload show the API's own error message. Set MUST_DASHBOARD_SCREENSHOTS=docs/img to refresh the
+README's screenshots.
 """
 
 from __future__ import annotations
