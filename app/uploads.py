@@ -8,13 +8,15 @@ parsed from memory instead (`parse_multipart_bytes`), off the event loop, with n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Generic, TypeVar
+from typing import IO, Any, Generic, Protocol, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -51,6 +53,7 @@ class FileInMemory(FilePart):
 
 
 PartT = TypeVar("PartT", bound=FilePart)
+PartCovT = TypeVar("PartCovT", bound=FilePart, covariant=True)
 
 
 @dataclass
@@ -94,45 +97,80 @@ def _staging_name(index: int, filename: str) -> str:
     return f"{index:06d}{suffix if _SAFE_SUFFIX.match(suffix) else ''}"
 
 
-class _StreamingParser:
-    """python-multipart callbacks that route field parts to memory and file parts to disk."""
+class _DiskFiles:
+    """Where the streaming parser puts file parts: a staging file each, hashed as its bytes arrive."""
 
-    def __init__(self, directory: Path, max_files: int) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._file: UploadedFile | None = None
+        self._sink: IO[bytes] | None = None
+        self._hash: Any = None
+
+    def open(self, field: str, filename: str, index: int) -> UploadedFile:
+        path = self.directory / _staging_name(index, filename)
+        self._file = UploadedFile(field, display_name(filename), path)
+        self._sink = path.open("wb")
+        self._hash = hashlib.sha256()
+        return self._file
+
+    def write(self, chunk: bytes) -> None:
+        assert self._sink is not None
+        self._sink.write(chunk)
+        self._hash.update(chunk)
+
+    def close(self) -> None:
+        if self._file is not None and self._sink is not None:
+            self._sink.close()
+            self._file.sha256 = self._hash.hexdigest()
+        self._file = self._sink = None
+
+
+class _MemoryFiles:
+    """File parts kept in memory, for bodies the size limit already keeps small (classify)."""
+
+    def __init__(self) -> None:
+        self._file: FileInMemory | None = None
+        self._content = bytearray()
+
+    def open(self, field: str, filename: str, index: int) -> FileInMemory:
+        self._file = FileInMemory(field, display_name(filename))
+        self._content = bytearray()
+        return self._file
+
+    def write(self, chunk: bytes) -> None:
+        self._content.extend(chunk)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.content = bytes(self._content)
+        self._file = None
+
+
+class _FileSink(Protocol[PartCovT]):
+    def open(self, field: str, filename: str, index: int) -> PartCovT: ...
+    def write(self, chunk: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class _PartParser(Generic[PartT]):
+    """python-multipart callbacks that route field parts to memory and file parts to `files`."""
+
+    def __init__(self, files: _FileSink[PartT], max_files: int) -> None:
+        self.files = files
         self.max_files = max_files
-        self.form: MultipartForm[UploadedFile] = MultipartForm()
+        self.form: MultipartForm[PartT] = MultipartForm()
         self._headers: dict[bytes, bytes] = {}
         self._header_name = b""
         self._header_value = b""
         self._field_name = ""
         self._field_data = bytearray()
-        self._file: UploadedFile | None = None
-        self._sink: IO[bytes] | None = None
-        self._hash: Any = None
+        self._in_file = False
         self._field_count = 0
 
     def on_part_begin(self) -> None:
         self._headers = {}
         self._field_data = bytearray()
-        self._file = None
-
-    def _start_file(self, filename: str) -> None:
-        path = self.directory / _staging_name(len(self.form.files), filename)
-        self._file = UploadedFile(self._field_name, display_name(filename), path)
-        self._sink = path.open("wb")
-        self._hash = hashlib.sha256()
-        self.form.files.append(self._file)
-
-    def _write_file(self, chunk: bytes) -> None:
-        assert self._sink is not None
-        self._sink.write(chunk)
-        self._hash.update(chunk)
-
-    def _file_open(self) -> bool:
-        return self._file is not None
-
-    def _file_count(self) -> int:
-        return len(self.form.files)
+        self._in_file = False
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -154,82 +192,49 @@ class _StreamingParser:
             if self._field_count > MAX_FIELDS:
                 raise bad_request("invalid_multipart", f"more than {MAX_FIELDS} form fields")
             return
-        if self._file_count() >= self.max_files:
+        if len(self.form.files) >= self.max_files:
             raise bad_request(
                 "too_many_images", f"a request may carry at most {self.max_files} files", self._field_name
             )
-        self._start_file(options[b"filename"].decode("utf-8", "replace"))
+        filename = options[b"filename"].decode("utf-8", "replace")
+        self.form.files.append(self.files.open(self._field_name, filename, len(self.form.files)))
+        self._in_file = True
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
-        if not self._file_open():
-            if len(self._field_data) + len(chunk) > MAX_FIELD_BYTES:
-                raise ApiError(413, "request_too_large", f"field {self._field_name!r} exceeds 1 MiB", self._field_name)
-            self._field_data.extend(chunk)
+        if self._in_file:
+            self.files.write(chunk)
             return
-        self._write_file(chunk)
+        if len(self._field_data) + len(chunk) > MAX_FIELD_BYTES:
+            raise ApiError(413, "request_too_large", f"field {self._field_name!r} exceeds 1 MiB", self._field_name)
+        self._field_data.extend(chunk)
 
     def on_part_end(self) -> None:
-        if not self._file_open():
-            text = self._field_data.decode("utf-8", "replace")
-            self.form.fields.setdefault(self._field_name, []).append(text)
+        if self._in_file:
+            self.files.close()
+            self._in_file = False
             return
-        self.close_file()
+        text = self._field_data.decode("utf-8", "replace")
+        self.form.fields.setdefault(self._field_name, []).append(text)
 
-    def close_file(self) -> None:
-        if self._file is not None and self._sink is not None:
-            self._sink.close()
-            self._file.sha256 = self._hash.hexdigest()
-            self._sink = None
+    def multipart(self, boundary: bytes) -> MultipartParser:
+        callbacks: Any = {name: getattr(self, name) for name in (
+            "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
+            "on_part_data", "on_part_end",
+        )}
+        return MultipartParser(boundary, callbacks)
 
-
-class _MemoryParser(_StreamingParser):
-    """The same parts, with file contents kept in memory (for bodies the size limit keeps small)."""
-
-    def __init__(self, max_files: int) -> None:
-        super().__init__(Path(), max_files)
-        self.memory_form: MultipartForm[FileInMemory] = MultipartForm(fields=self.form.fields)
-        self._memory_file: FileInMemory | None = None
-        self._content = bytearray()
-
-    def on_part_begin(self) -> None:
-        super().on_part_begin()
-        self._memory_file = None
-
-    def _start_file(self, filename: str) -> None:
-        self._memory_file = FileInMemory(self._field_name, display_name(filename))
-        self._content = bytearray()
-        self.memory_form.files.append(self._memory_file)
-
-    def _write_file(self, chunk: bytes) -> None:
-        self._content.extend(chunk)
-
-    def _file_open(self) -> bool:
-        return self._memory_file is not None
-
-    def _file_count(self) -> int:
-        return len(self.memory_form.files)
-
-    def close_file(self) -> None:
-        if self._memory_file is not None:
-            self._memory_file.content = bytes(self._content)
-            self._memory_file = None
-
-
-def _callbacks(parser: _StreamingParser, boundary: bytes) -> MultipartParser:
-    callbacks: Any = {
-        name: getattr(parser, name)
-        for name in (
-            "on_part_begin",
-            "on_header_field",
-            "on_header_value",
-            "on_header_end",
-            "on_headers_finished",
-            "on_part_data",
-            "on_part_end",
-        )
-    }
-    return MultipartParser(boundary, callbacks)
+    @contextlib.contextmanager
+    def parsing(self) -> Iterator[None]:
+        """Malformed bodies become 400 `invalid_multipart`; a file cut off mid-part is closed either way."""
+        try:
+            yield
+        except FormParserError as exc:
+            # python-multipart's text names parser internals; the log keeps it.
+            log.info("malformed multipart body (request %s): %s", current_request_id(), exc)
+            raise bad_request("invalid_multipart", "malformed multipart body") from exc
+        finally:
+            self.files.close()
 
 
 def multipart_boundary(request: Request) -> bytes:
@@ -241,39 +246,25 @@ def multipart_boundary(request: Request) -> bytes:
     return bytes(boundary)
 
 
-def _malformed(exc: FormParserError) -> ApiError:
-    # python-multipart's text names parser internals; the log keeps it.
-    log.info("malformed multipart body (request %s): %s", current_request_id(), exc)
-    return bad_request("invalid_multipart", "malformed multipart body")
-
-
 async def read_multipart(request: Request, directory: Path, *, max_files: int) -> MultipartForm[UploadedFile]:
     """Parse a multipart body, streaming file parts into `directory` (which the caller cleans up)."""
-    parser = _StreamingParser(directory, max_files)
-    multipart = _callbacks(parser, multipart_boundary(request))
-    try:
+    parser = _PartParser(_DiskFiles(directory), max_files)
+    multipart = parser.multipart(multipart_boundary(request))
+    with parser.parsing():
         async for chunk in request.stream():
             multipart.write(chunk)
         multipart.finalize()
-    except FormParserError as exc:
-        raise _malformed(exc) from exc
-    finally:
-        parser.close_file()
     return parser.form
 
 
 def parse_multipart_bytes(body: bytes, boundary: bytes, *, max_files: int) -> MultipartForm[FileInMemory]:
     """Parse a whole multipart body held in memory (blocking: run it off the event loop)."""
-    parser = _MemoryParser(max_files)
-    multipart = _callbacks(parser, boundary)
-    try:
+    parser = _PartParser(_MemoryFiles(), max_files)
+    multipart = parser.multipart(boundary)
+    with parser.parsing():
         multipart.write(body)
         multipart.finalize()
-    except FormParserError as exc:
-        raise _malformed(exc) from exc
-    finally:
-        parser.close_file()
-    return parser.memory_form
+    return parser.form
 
 
 def loads_json(text: str | bytes | bytearray, field: str | None = None) -> Any:
@@ -304,12 +295,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 async def read_json(request: Request, model: type[BaseModel], max_bytes: int) -> tuple[Any, str]:
     """Parse and validate a JSON body; returns the model and a hash of its canonical form."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > max_bytes:
-            raise ApiError(413, "request_too_large", f"JSON bodies are limited to {max_bytes} bytes")
-    return parse_json(bytes(body), model)
+    return parse_json(await read_body(request, max_bytes), model)
 
 
 def parse_json(body: bytes, model: type[BaseModel]) -> tuple[Any, str]:
