@@ -14,6 +14,7 @@ already there, so a table of several hours survives interruptions.
 
     python -m benchmarks.quality --targets runs/shifts1k --jsonl runs/quality.jsonl --seeds 0,1,2
     python -m benchmarks.quality --summary runs/quality.jsonl      # mean and spread over seeds, per target
+    python -m benchmarks.quality --summary runs/*.jsonl --paired auto,balanced   # run by run: A minus B
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--targets", type=Path, help="folder of labelled target folders")
     parser.add_argument("--summary", type=Path, nargs="+", metavar="JSONL",
                         help="print the table of these row files (mean and spread over seeds) and exit")
+    parser.add_argument("--paired", metavar="A,B",
+                        help="with --summary: also A minus B on every target and seed both were run on")
     parser.add_argument("--only", help="comma-separated target names (default: all)")
     parser.add_argument("--base-model", default="proxy-cifar10-tiny")
     parser.add_argument("--preset", default="auto", help="preset of the ablation variants")
@@ -149,7 +152,11 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, help="append one row per finished run; rows already there are skipped")
     args = parser.parse_args()
     if args.summary:
-        print_summary([row for path in args.summary for row in _rows(path)])
+        rows = [row for path in args.summary for row in _rows(path)]
+        print_summary(rows)
+        if args.paired:
+            first, _, second = args.paired.partition(",")
+            print_paired(paired_differences(rows, first, second), first, second)
         return
     if args.targets is None:
         parser.error("give --targets (or --summary)")
@@ -228,6 +235,28 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
     complete = [v for v in variants if all((t, v) in cells for t in targets)]
     means = {v: sum(sum(cells[t, v]) / len(cells[t, v]) for t in targets) / len(targets) for v in complete}
     print("| **mean** | " + " | ".join(f"**{means[v]:.2f}**" if v in means else "-" for v in variants) + " |")
+
+
+def paired_differences(rows: list[dict[str, Any]], first: str, second: str) -> list[tuple[str, int, float]]:
+    """(target, seed, top-1 of `first` minus `second`, in points) wherever both ran on the same target and seed:
+    the comparison that seeds and targets do not blur (a training-free peer repeats exactly on every seed)."""
+    top1 = {(_target_of(row), row["variant"], int(row["seed"])): 100 * row["top1"] for row in rows}
+    return sorted((target, seed, value - top1[target, second, seed])
+                  for (target, variant, seed), value in top1.items()
+                  if variant == first and (target, second, seed) in top1)
+
+
+def print_paired(differences: list[tuple[str, int, float]], first: str, second: str) -> None:
+    if not differences:
+        print(f"\nno target and seed has both {first} and {second}")
+        return
+    values = [d for _, _, d in differences]
+    wins, losses = sum(d > 0 for d in values), sum(d < 0 for d in values)
+    print(f"\n{first} minus {second}, points, on {len(values)} target-seed pairs: mean {sum(values) / len(values):+.2f}"
+          f" (min {min(values):+.2f}, max {max(values):+.2f}); {wins} above, {losses} below, "
+          f"{len(values) - wins - losses} equal")
+    for target, seed, value in differences:
+        print(f"  {target} seed {seed}: {value:+.2f}")
 
 
 if __name__ == "__main__":

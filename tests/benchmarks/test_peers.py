@@ -1,10 +1,12 @@
-"""The label-propagation peer does what it is for: labels spread along the bucket's neighbourhoods."""
+"""The label-propagation peer does what it is for: labels spread along the bucket's neighbourhoods; the quality
+summary pairs runs by target and seed."""
 
 from __future__ import annotations
 
 import torch
 
 from benchmarks.peers import label_propagation, sinkhorn_balance
+from benchmarks.quality import paired_differences
 
 
 def test_neighbours_outvote_a_wrong_zero_shot_label_that_balancing_alone_keeps() -> None:
@@ -22,3 +24,17 @@ def test_neighbours_outvote_a_wrong_zero_shot_label_that_balancing_alone_keeps()
     propagated = label_propagation(embeddings, probs)
     assert torch.equal(propagated.argmax(1), labels)
     torch.testing.assert_close(propagated.sum(dim=1), torch.ones(40))
+
+
+def test_paired_differences_match_target_and_seed_and_skip_unpaired_runs() -> None:
+    rows = [
+        {"target": "fog", "target_dir": "a/fog", "variant": "auto", "seed": 0, "top1": 0.50},
+        {"target": "fog", "target_dir": "a/fog", "variant": "balanced", "seed": 0, "top1": 0.45},
+        {"target": "fog", "target_dir": "a/fog", "variant": "auto", "seed": 1, "top1": 0.40},
+        {"target": "fog", "target_dir": "a/fog", "variant": "balanced", "seed": 1, "top1": 0.45},
+        {"target": "fog", "target_dir": "b/fog", "variant": "auto", "seed": 0, "top1": 0.90},  # no balanced run here
+        {"target": "fog", "target_dir": "b/fog", "variant": "zero_shot", "seed": 0, "top1": 0.10},
+    ]
+    differences = paired_differences(rows, "auto", "balanced")
+    assert [(target, seed) for target, seed, _ in differences] == [("a/fog", 0), ("a/fog", 1)]
+    assert [round(d, 6) for _, _, d in differences] == [5.0, -5.0]
