@@ -25,7 +25,7 @@ from must_engine.base_models import FetchWeights
 from must_engine.estimate import BucketEvidence
 from must_engine.images import open_image
 from must_engine.predictor import Prediction, Predictor, top_predictions
-from must_engine.unknown import is_unknown
+from must_engine.unknown import OOD_SCORE, SCORE_HISTOGRAM_BINS, is_unknown, score_histogram
 
 # Columns of the CSV form of a row: the top-1 of each model (the JSONL form carries the top-k lists).
 CSV_COLUMNS = ("image", "label", "score", "zero_shot_label", "zero_shot_score", "changed", "ood_score", "unknown")
@@ -88,12 +88,17 @@ def label_bucket(
     zero_shot = zero_shot_of(adapted, device=device, fetch_weights=fetch_weights)
     evidence = BucketEvidence(adapted.class_names)
     flagged = 0
+    histogram = torch.zeros(SCORE_HISTOGRAM_BINS, dtype=torch.long)
     for batch in label_batches(ordered, adapted, zero_shot, batch_size=batch_size, on_progress=on_progress):
         evidence.add(batch.adapted, batch.zero_shot)
         flagged += int(batch.unknown.sum())
+        histogram += score_histogram(batch.ood_scores)
         on_rows(rows_of(batch, adapted.class_names, top_k))
     report = evidence.report(training_metrics=metadata.get("metrics"))
-    report["unknown"] = {"threshold": adapted.unknown_threshold, "share": flagged / len(ordered) if ordered else 0.0}
+    report["unknown"] = {
+        "threshold": adapted.unknown_threshold, "share": flagged / len(ordered) if ordered else 0.0,
+        "score": OOD_SCORE, "histogram": histogram.tolist(),  # equal bins of [0, 1], lowest score first
+    }
     write_report(artifact_dir, report)
     return report
 

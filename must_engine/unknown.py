@@ -72,6 +72,9 @@ CLEAN_QUANTILE = 0.99
 # (normalised entropy above 0.95), i.e. no class stands out at all.
 DEFAULT_MIN_SCORE = 0.05
 MIN_SEPARATION = 2.0
+# The bucket report's histogram of the served score (normalised entropy, in [0, 1]): equal bins, so a team
+# sees whether a second group of images sits above the threshold before it picks a `min_score`.
+SCORE_HISTOGRAM_BINS = 20
 
 
 def ood_score(
@@ -83,6 +86,12 @@ def ood_score(
 
 def is_unknown(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores > threshold
+
+
+def score_histogram(scores: torch.Tensor) -> torch.Tensor:
+    """(N,) scores -> (SCORE_HISTOGRAM_BINS,) counts over equal bins of [0, 1]; a score of 1 is in the last bin."""
+    bins = (scores.float().clamp(0.0, 1.0) * SCORE_HISTOGRAM_BINS).long().clamp(max=SCORE_HISTOGRAM_BINS - 1)
+    return torch.bincount(bins, minlength=SCORE_HISTOGRAM_BINS)
 
 
 def threshold_from_min_score(min_score: float) -> float:

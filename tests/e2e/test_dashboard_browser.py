@@ -270,10 +270,27 @@ def test_the_whole_flow_in_the_browser(
     model = httpx.get(f"{live_url}/models/{model_id}", headers=team.headers).json()
     assert _css(browser, "#rep-changed").text == f"{100 * model['report']['changed_from_zero_shot']:.1f}%"
     assert _css(browser, "#rep-est-adapted").text == f"{100 * model['report']['estimated_top1']['adapted']:.1f}%"
+    # what the bucket threshold flagged, and the histogram of the scores it was fitted on
+    unknown, flagged = model["report"]["unknown"], {row["image"] for row in rows if row["unknown"]}
+    assert flagged, "a fitted threshold flags at least the top 1% of its bucket"
+    share, threshold = browser.execute_script(  # formatted as the page formats them (JS rounds 6.25 up)
+        "return [(100 * arguments[0]).toFixed(1), arguments[1].toFixed(3)]", unknown["share"], unknown["threshold"])
+    images = f"{len(flagged)} image{'' if len(flagged) == 1 else 's'}"
+    assert _text(browser, "#rep-unknown") == f"{share}% ({images}): ood score above {threshold}"
+    assert sum(unknown["histogram"]) == 16 and unknown["histogram"] == [
+        int(b.get_attribute("data-count")) for b in _all(browser, "#res-unknown-chart rect.bin")]
+    assert _all(browser, "#res-unknown-chart line.threshold")
     _screenshot(browser, "results")
+
+    def gallery() -> set[str]:
+        return {f.get_attribute("data-image") for f in _all(browser, "#gallery .thumb")}
+
     _css(browser, "#gal-changed").click()
-    _wait(browser, lambda: {f.get_attribute("data-image") for f in _all(browser, "#gallery .thumb")} == changed,
-          message="the filter shows only the images whose label changed")
+    _wait(browser, lambda: gallery() == changed, message="the filter shows only the images whose label changed")
+    _css(browser, "#gal-changed").click()
+    _css(browser, "#gal-unknown").click()
+    _wait(browser, lambda: gallery() == flagged, message="the filter shows only the images of no known class")
+    assert all("unknown" in f.get_attribute("class") for f in _all(browser, "#gallery .thumb"))
     _css(browser, "#res-csv").click()
     table = downloads / f"{adaptation_id}-predictions.csv"
     _wait(browser, lambda: table.is_file() and not list(downloads.glob("*.crdownload")), message="no CSV")

@@ -64,6 +64,8 @@ def test_bucket_rows_carry_the_decision_under_the_bucket_threshold(stack, adapte
         assert 0.0 <= row["ood_score"] <= 1.0
         assert row["unknown"] == (row["ood_score"] > threshold)
     assert report["unknown"]["share"] == pytest.approx(sum(r["unknown"] for r in rows) / 24)
+    bins = [min(int(r["ood_score"] * 20), 19) for r in rows]  # the report's 20 equal bins of [0, 1]
+    assert report["unknown"]["histogram"] == [bins.count(i) for i in range(20)]
     assert any(r["unknown"] for r in rows), "a fitted threshold flags at least the top 1% of its bucket"
 
     # the threshold is the one fitted at adaptation time and stored in the artifact's metadata

@@ -115,7 +115,13 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
     changed = sum(row["changed"] == "true" for row in rows) / 24
     assert report["changed_from_zero_shot"] == pytest.approx(changed)
     assert report["unknown"] == {"threshold": read_metadata(out)["unknown"]["threshold"],
-                                 "share": pytest.approx(sum(row["unknown"] == "true" for row in rows) / 24)}
+                                 "share": pytest.approx(sum(row["unknown"] == "true" for row in rows) / 24),
+                                 "score": "entropy", "histogram": report["unknown"]["histogram"]}
+    # the histogram counts the rows' own scores, bin by bin (20 equal bins of [0, 1])
+    expected = [0] * 20
+    for row in rows:
+        expected[min(int(float(row["ood_score"]) * 20), 19)] += 1
+    assert report["unknown"]["histogram"] == expected
 
     # The audit of the same folder is `must eval` for each model.
     result = audit(out, dtd_subset, device="cpu")

@@ -17,9 +17,11 @@ from must_engine.images import open_image
 from must_engine.losses import self_training_loss
 from must_engine.unknown import (
     DEFAULT_MIN_SCORE,
+    SCORE_HISTOGRAM_BINS,
     UnknownWeighting,
     fit_threshold,
     ood_score,
+    score_histogram,
     threshold_from_min_score,
     weighted_mean_prediction,
 )
@@ -58,6 +60,13 @@ def test_a_bucket_of_one_population_flags_about_one_percent() -> None:
     fitted = fit_threshold(scores)
     assert fitted["method"] == "clean_quantile"
     assert math.isclose(float(fitted["bucket_share"]), 0.01, abs_tol=0.002)
+
+
+def test_score_histogram_has_equal_bins_of_the_unit_interval_with_both_ends_inside() -> None:
+    counts = score_histogram(torch.tensor([0.0, 0.01, 0.049, 0.05, 0.5, 0.999, 1.0, 1.2, -0.1]))
+    assert len(counts) == SCORE_HISTOGRAM_BINS == 20
+    assert counts[0] == 4 and counts[1] == 1 and counts[10] == 1 and counts[19] == 3  # out-of-range: clamped
+    assert int(counts.sum()) == 9
 
 
 def test_ueo_weights_scale_self_training_by_the_teacher_confidence(tiny_base_model: str) -> None:

@@ -74,3 +74,35 @@ export function barChart(container, rows, names, format = (v) => String(v)) {
   });
   container.append(box);
 }
+
+// Vertical bars of equal bins of [0, 1] (the bucket's ood scores), with the threshold as a dashed line:
+// bins that reach past it are drawn in the warning colour, so a second group of images there stands out.
+export function scoreHistogram(container, counts, threshold) {
+  container.replaceChildren();
+  const width = 280, height = 110, left = 4, right = 4, top = 6, bottom = 18;
+  const top1 = Math.max(1, ...counts);
+  const step = (width - left - right) / counts.length;
+  const x = (score) => left + score * (width - left - right);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img",
+    "aria-label": "ood score of every bucket image" });
+  chart.append(svg("line", { class: "axis", x1: left, y1: height - bottom, x2: width - right, y2: height - bottom }));
+  counts.forEach((count, i) => {
+    const h = ((height - top - bottom) * count) / top1;
+    const bar = svg("rect", { class: (i + 1) / counts.length > threshold ? "bin above" : "bin",
+      x: (left + i * step + 0.5).toFixed(1), y: (height - bottom - h).toFixed(1), width: (step - 1).toFixed(1),
+      height: h.toFixed(1), "data-count": count });
+    const tip = svg("title");
+    tip.textContent = `${(i / counts.length).toFixed(2)}-${((i + 1) / counts.length).toFixed(2)}: ${count} images`;
+    bar.append(tip);
+    chart.append(bar);
+  });
+  if (threshold >= 0 && threshold <= 1) {
+    chart.append(svg("line", { class: "threshold", x1: x(threshold), y1: top, x2: x(threshold), y2: height - bottom }));
+  }
+  for (const [label, at, anchor] of [["0: one class", left, "start"], ["1: like none", width - right, "end"]]) {
+    const text = svg("text", { x: at, y: height - 4, "text-anchor": anchor });
+    text.textContent = label;
+    chart.append(text);
+  }
+  container.append(chart);
+}

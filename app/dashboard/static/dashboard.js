@@ -244,7 +244,7 @@ async function showResults(view, adaptationId) {
   $("#res-model").textContent = model.id;
   renderReport(model);
   renderGallery(model);
-  $("#gal-changed").onchange = () => renderGallery(model);
+  $("#gal-changed").onchange = $("#gal-unknown").onchange = () => renderGallery(model);
   const watch = async () => {
     const audits = await loadAudits(model.id);
     return audits.some((e) => !FINAL.includes(e.status));

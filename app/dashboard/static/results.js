@@ -1,7 +1,7 @@
 // The results page: the label-free report, the gallery of the bucket by predicted class, audits, downloads.
 
 import { api } from "./api.js";
-import { barChart } from "./charts.js";
+import { barChart, scoreHistogram } from "./charts.js";
 import { $, el, pct, statusBadge, toast, when } from "./dom.js";
 
 const GALLERY_PAGE = 24;
@@ -19,13 +19,28 @@ export function renderReport(model) {
     el("dt", {}, "Teacher-student agreement"), el("dd", {}, pct(r.teacher_student_agreement)),
     el("dt", {}, "Estimated top-1, adapted"), el("dd", { id: "rep-est-adapted" }, pct(est.adapted)),
     el("dt", {}, "Estimated top-1, zero-shot"), el("dd", { id: "rep-est-zero" }, pct(est.zero_shot)),
-    el("dt", {}, "Estimator"), el("dd", {}, est.estimator || "-")),
+    el("dt", {}, "Estimator"), el("dd", {}, est.estimator || "-"),
+    r.unknown ? [el("dt", {}, "Of no known class"), el("dd", { id: "rep-unknown" }, unknownLine(r))] : null),
   measured.summary ? el("p", { class: "muted" }, `How far to trust the estimate: ${measured.summary}.`) : null,
+  r.unknown && r.unknown.histogram ? unknownChart(r.unknown) : null,
   el("p", {}, el("a", { href: `#/try/${model.id}` }, "Try this model"), " \u00b7 ",
     el("a", { id: "res-download", onclick: () => downloadArtifact(model.id) }, "Download artifact"), " \u00b7 ",
     el("a", { id: "res-csv", onclick: () => downloadPredictions(model.adaptation_id) }, "All predictions (CSV)")));
   const hist = r.class_histogram;
   barChart($("#res-histogram"), model.class_names.map((name) => ({ label: name, values: [hist.adapted[name] || 0, hist.zero_shot[name] || 0] })), ["adapted", "zero-shot"]);
+}
+
+function unknownLine(report) {
+  const flagged = Math.round(report.unknown.share * report.num_images);
+  return `${pct(report.unknown.share)} (${flagged} image${flagged === 1 ? "" : "s"}): ood score above ${report.unknown.threshold.toFixed(3)}`;
+}
+
+function unknownChart(unknown) {
+  const chart = el("div", { id: "res-unknown-chart" });
+  scoreHistogram(chart, unknown.histogram, unknown.threshold);
+  return el("figure", { class: "chart" }, chart, el("figcaption", { class: "muted" },
+    "The ood score of every bucket image; right of the dashed line: of no known class. A request's ",
+    el("code", {}, "min_score"), " m moves the line to 1 - m."));
 }
 
 // Thumbnails need the key, so they are fetched and shown as blob: URLs, a few at a time.
@@ -60,7 +75,7 @@ function thumb(adaptationId, row) {
 }
 
 async function loadGroup(adaptationId, name, box, after) {
-  const changed = $("#gal-changed").checked ? "&changed=true" : "";
+  const changed = `${$("#gal-changed").checked ? "&changed=true" : ""}${$("#gal-unknown").checked ? "&unknown=true" : ""}`;
   const page = await api(`/adaptations/${encodeURIComponent(adaptationId)}/predictions?limit=${GALLERY_PAGE}&label=${encodeURIComponent(name)}${changed}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
   const thumbs = $(".thumbs", box);
   page.data.forEach((row) => thumbs.append(thumb(adaptationId, row)));
