@@ -98,6 +98,9 @@ def label_bucket(
     report["unknown"] = {
         "threshold": adapted.unknown_threshold, "share": flagged / len(ordered) if ordered else 0.0,
         "score": OOD_SCORE, "histogram": histogram.tolist(),  # equal bins of [0, 1], lowest score first
+        # how the threshold was fitted (unknown.fit_threshold): "mixture" found two groups, "clean_quantile"
+        # did not and flags the top 1%; "default" for a model that had no bucket to fit on
+        "method": (metadata.get("unknown") or {}).get("method", "default"),
     }
     write_report(artifact_dir, report)
     return report

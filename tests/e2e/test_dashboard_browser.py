@@ -280,6 +280,7 @@ def test_the_whole_flow_in_the_browser(
     assert sum(unknown["histogram"]) == 16 and unknown["histogram"] == [
         int(b.get_attribute("data-count")) for b in _all(browser, "#res-unknown-chart rect.bin")]
     assert _all(browser, "#res-unknown-chart line.threshold")
+    assert ("top 1%" in _text(browser, "#res-unknown-how")) == (unknown["method"] == "clean_quantile")
     _screenshot(browser, "results")
 
     def gallery() -> set[str]:

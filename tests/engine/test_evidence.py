@@ -116,7 +116,8 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
     assert report["changed_from_zero_shot"] == pytest.approx(changed)
     assert report["unknown"] == {"threshold": read_metadata(out)["unknown"]["threshold"],
                                  "share": pytest.approx(sum(row["unknown"] == "true" for row in rows) / 24),
-                                 "score": "entropy", "histogram": report["unknown"]["histogram"]}
+                                 "score": "entropy", "histogram": report["unknown"]["histogram"],
+                                 "method": read_metadata(out)["unknown"]["method"]}
     # the histogram counts the rows' own scores, bin by bin (20 equal bins of [0, 1])
     expected = [0] * 20
     for row in rows:
