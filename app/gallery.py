@@ -17,6 +17,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
+from minio.error import S3Error
 from PIL import Image
 
 from app.storage import InvalidKeyError, ObjectStore, check_source_prefix
@@ -25,10 +26,17 @@ from must_engine import open_image
 THUMBNAIL_SIZES = (64, 128, 256)
 KEPT_ZIPS = 4
 _MAX_SOURCE_BYTES = 64 * 1024 * 1024  # a loose image bigger than this is not thumbnailed
+# The source went away after the adaptation read it (a team's own bucket or object, deleted since): the image
+# is not there any more, which is a 404 of that image, not a fault of the service.
+_GONE = ("NoSuchBucket", "NoSuchKey")
 
 
 class ImageNotFound(LookupError):
-    """No image of that name in the adaptation's source."""
+    """No image of that name in the adaptation's source; `reason` says why when it is not just the name."""
+
+    def __init__(self, name: str, reason: str = "") -> None:
+        super().__init__(name)
+        self.reason = reason
 
 
 class GalleryImages:
@@ -39,7 +47,13 @@ class GalleryImages:
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
     def thumbnail(self, store: ObjectStore, prefix: str, name: str, size: int, cache_id: str) -> bytes:
-        image = open_image(self._image_bytes(store, prefix, name, cache_id), filename=name.rsplit("/", 1)[-1])
+        try:
+            data = self._image_bytes(store, prefix, name, cache_id)
+        except S3Error as exc:
+            if exc.code not in _GONE:
+                raise
+            raise ImageNotFound(name, f"bucket {store.bucket!r} or the image was deleted since") from exc
+        image = open_image(data, filename=name.rsplit("/", 1)[-1])
         image.thumbnail((size, size), Image.Resampling.BILINEAR)
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=85)

@@ -46,3 +46,23 @@ def test_thumbnail_route_refuses_unknown_names_and_sizes(stack, make_team, dtd_i
     assert thumb.status_code == 200, thumb.text
     assert max(Image.open(io.BytesIO(thumb.content)).size) == 256
     stack.client.post(f"/adaptations/{loose.json()['id']}/cancel", headers=team.headers)
+
+
+def test_a_source_bucket_deleted_since_is_a_404_of_the_image_not_a_500(stack, make_team) -> None:
+    """An adaptation of a team's own bucket keeps pointing at it; once the team deletes the bucket, its
+    thumbnails are gone (404 `not_found` saying so), and the service has not failed."""
+    from app.db.models import Adaptation as AdaptationRow
+
+    team = make_team(stack.session_factory)
+    with stack.session_factory() as session:
+        row = AdaptationRow(team_id=team.id, status="succeeded", request_sha256="0" * 64, class_names=CLASSES,
+                            base_model=stack.base_model, config_request={},
+                            source_bucket=f"deleted-{team.id[-12:].lower()}", source_prefix="photos/")
+        session.add(row)
+        session.commit()
+        adaptation_id = row.id
+    response = stack.client.get(f"/adaptations/{adaptation_id}/images", headers=team.headers,
+                                params={"name": "cat.jpg"})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("not_found", "name") and "deleted since" in error["message"]

@@ -43,7 +43,8 @@ async def image_thumbnail(
             services.gallery.thumbnail, store, row.source_prefix, name, size, adaptation_id
         )
     except ImageNotFound as exc:
-        raise ApiError(404, "not_found", f"no image named {name!r} in this adaptation's bucket", "name") from exc
+        why = f" ({exc.reason})" if exc.reason else ""
+        raise ApiError(404, "not_found", f"no image named {name!r} in this adaptation's bucket{why}", "name") from exc
     except ImageError as exc:
         raise bad_request(exc.code, str(exc), "name") from exc
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
