@@ -405,3 +405,65 @@ def test_models_page_on_past_the_first_and_any_model_can_be_tried(browser, live_
     _css(browser, f'#model-rows tr[data-id="{oldest}"] a.button').click()  # its "Try" link
     _wait(browser, lambda: _css(browser, "#try-model").get_attribute("value") == oldest)
     assert len(_all(browser, "#try-model option")) == page + 1  # the newest page and the one asked for
+
+
+def test_gallery_pages_on_within_a_class_and_filters_page_too(browser, live_url, stack, make_team, tmp_path) -> None:
+    """A class with more images than a gallery page: "More..." appends the next page of that class only, and a
+    filter pages through its own rows. Rows are written straight to the database and the object store (the
+    gallery reads nothing else); the thumbnails are missing on purpose: they are not what this checks."""
+    from app.db.models import Adaptation as AdaptationRow
+    from app.db.models import Model as ModelRow
+    from app.predictions import PredictionsWriter, predictions_prefix
+    from app.storage import upload_directory
+    from must_engine.bucket import BucketRow
+
+    team, page = make_team(stack.session_factory), 24  # GALLERY_PAGE in results.js
+    names = [f"img-{i:03d}.png" for i in range(page + 6)]  # 30 images of the first class, 1 of the second
+
+    def row(name: str, label: str, unknown: bool) -> BucketRow:
+        other = CLASSES[1] if label == CLASSES[0] else CLASSES[0]
+        return BucketRow(name, [(label, 0.9), (other, 0.1)], [(label, 0.8), (other, 0.2)], 0.9 if unknown else 0.1,
+                         unknown)
+
+    rows = [row(name, CLASSES[0], unknown=i % 6 != 0) for i, name in enumerate(names)]
+    rows.append(row("z.png", CLASSES[1], False))
+    with stack.session_factory() as session:
+        adaptation = AdaptationRow(team_id=team.id, status="succeeded", request_sha256="0" * 64, class_names=CLASSES,
+                                   base_model=stack.base_model, config_request={}, source_bucket="none",
+                                   source_prefix="none/")
+        session.add(adaptation)
+        session.flush()
+        model = ModelRow(team_id=team.id, adaptation_id=adaptation.id, class_names=CLASSES,
+                         base_model=stack.base_model, artifact_prefix=f"teams/{team.id}/models/none")
+        session.add(model)
+        session.flush()
+        adaptation.model_id = model.id
+        session.commit()
+        adaptation_id = adaptation.id
+    writer = PredictionsWriter(tmp_path / "predictions", rows_per_part=7)  # pages cross parts
+    writer.add(rows)
+    writer.close()
+    upload_directory(stack.store, tmp_path / "predictions", predictions_prefix(team.id, adaptation_id))
+
+    _sign_in(browser, live_url, team.key)
+    _wait(browser, lambda: _css(browser, "#view-adaptations").is_displayed())
+    browser.get(f"{live_url}/#/adaptations/{adaptation_id}/results")
+    first, second = (f'#gallery section.group[data-class="{name}"]' for name in CLASSES)
+
+    def shown(group: str) -> list[str]:
+        return [f.get_attribute("data-image") for f in _all(browser, f"{group} .thumb")]
+
+    _wait(browser, lambda: len(shown(first)) == page and shown(second) == ["z.png"])
+    assert shown(first) == names[:page] and _css(browser, f"{first} .more").is_displayed()
+    assert not _css(browser, f"{second} .more").is_displayed()
+    _css(browser, f"{first} .more").click()
+    _wait(browser, lambda: len(shown(first)) == len(names), message="More... appends the rest of the class")
+    assert shown(first) == names and not _css(browser, f"{first} .more").is_displayed()
+    assert shown(second) == ["z.png"], "the other class is left as it was"
+
+    _css(browser, "#gal-unknown").click()  # 25 of the 30 are flagged: one page and one more
+    flagged = [r.image for r in rows if r.unknown]
+    _wait(browser, lambda: shown(first) == flagged[:page] and not shown(second))
+    _css(browser, f"{first} .more").click()
+    _wait(browser, lambda: shown(first) == flagged, message="More... pages on within the filter")
+    assert not _css(browser, f"{first} .more").is_displayed()
