@@ -18,6 +18,7 @@ from must_engine.config import PRESETS, ConfigError, resolve_config
 from must_engine.data import NoImagesError, collect_images
 from must_engine.images import ArchiveError, ImageError, open_image
 from must_engine.predictor import Predictor
+from must_engine.unknown import THRESHOLD_METHODS
 
 USER_ERRORS = (ConfigError, BaseModelError, ImageError, ArchiveError, NoImagesError, FileNotFoundError, ValueError)
 
@@ -148,8 +149,9 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
     estimate = report["estimated_top1"]
     print(f"{sink.count} predictions written to {out}; "
           f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot")
-    print(f"{100 * report['unknown']['share']:.1f}% of the images look like no known class "
-          f"(ood_score above {report['unknown']['threshold']:.3f})")
+    unknown = report["unknown"]
+    print(f"{100 * unknown['share']:.1f}% of the images look like no known class (ood_score above "
+          f"{unknown['threshold']:.3f}, {THRESHOLD_METHODS.get(unknown['method'], unknown['method'])})")
     print(f"estimated top-1 ({estimate['estimator']}, label-free): adapted {100 * estimate['adapted']:.1f}%, "
           f"zero-shot {100 * estimate['zero_shot']:.1f}%  [{estimate['measured_error']['summary']}]")
 

@@ -124,6 +124,15 @@ def fit_threshold(scores: torch.Tensor, iterations: int = 200) -> dict[str, floa
     }
 
 
+# What each `method` of fit_threshold means, for people reading a report (the CLI prints it).
+THRESHOLD_METHODS = {
+    "mixture": "where the bucket's scores split into two groups",
+    "clean_quantile": "the bucket's top 1%: its scores form no second group",
+    "too_few_images": "the highest score: too few images to fit on",
+    "default": "the default of a model with no bucket",
+}
+
+
 def _two_gaussians(x: torch.Tensor, iterations: int) -> list[tuple[float, float, float]]:
     """EM for a 1-D mixture of two Gaussians, started from the lower and upper quartiles; sorted by mean."""
     means = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype))

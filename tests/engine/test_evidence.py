@@ -16,6 +16,7 @@ from must_engine.bucket import RowsFile
 from must_engine.cli import main
 from must_engine.estimate import DEFAULT_ESTIMATOR, ESTIMATORS, BucketEvidence
 from must_engine.evaluate import evaluate
+from must_engine.unknown import THRESHOLD_METHODS
 
 CLASSES = ["banded", "blotchy", "braided"]
 
@@ -111,6 +112,7 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
 
     report = read_metadata(out)["report"]
     assert report["num_images"] == 24
+    assert f"{THRESHOLD_METHODS[report['unknown']['method']]})" in printed  # how the printed threshold was fitted
     assert sum(report["class_histogram"]["adapted"].values()) == 24
     changed = sum(row["changed"] == "true" for row in rows) / 24
     assert report["changed_from_zero_shot"] == pytest.approx(changed)
