@@ -77,8 +77,8 @@ function thumb(adaptationId, row) {
 }
 
 async function loadGroup(adaptationId, name, box, after) {
-  const changed = `${$("#gal-changed").checked ? "&changed=true" : ""}${$("#gal-unknown").checked ? "&unknown=true" : ""}`;
-  const page = await api(`/adaptations/${encodeURIComponent(adaptationId)}/predictions?limit=${GALLERY_PAGE}&label=${encodeURIComponent(name)}${changed}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+  const filters = `${$("#gal-changed").checked ? "&changed=true" : ""}${$("#gal-unknown").checked ? "&unknown=true" : ""}`;
+  const page = await api(`/adaptations/${encodeURIComponent(adaptationId)}/predictions?limit=${GALLERY_PAGE}&label=${encodeURIComponent(name)}${filters}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
   const thumbs = $(".thumbs", box);
   page.data.forEach((row) => thumbs.append(thumb(adaptationId, row)));
   if (!thumbs.children.length) thumbs.append(el("p", { class: "muted" }, "no images"));
