@@ -17,18 +17,14 @@ import zipfile
 from collections import defaultdict
 from pathlib import Path
 
-from minio.error import S3Error
 from PIL import Image
 
-from app.storage import InvalidKeyError, ObjectStore, check_source_prefix
+from app.storage import InvalidKeyError, ObjectStore, SourceUnreadable, check_source_prefix
 from must_engine import open_image
 
 THUMBNAIL_SIZES = (64, 128, 256)
 KEPT_ZIPS = 4
 _MAX_SOURCE_BYTES = 64 * 1024 * 1024  # a loose image bigger than this is not thumbnailed
-# The source went away after the adaptation read it (a team's own bucket or object, deleted since): the image
-# is not there any more, which is a 404 of that image, not a fault of the service.
-_GONE = ("NoSuchBucket", "NoSuchKey")
 
 
 class ImageNotFound(LookupError):
@@ -47,11 +43,13 @@ class GalleryImages:
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
     def thumbnail(self, store: ObjectStore, prefix: str, name: str, size: int, cache_id: str) -> bytes:
+        """Raises ImageNotFound, or SourceUnreadable when the team withdrew the service's access to its bucket."""
         try:
             data = self._image_bytes(store, prefix, name, cache_id)
-        except S3Error as exc:
-            if exc.code not in _GONE:
+        except SourceUnreadable as exc:
+            if not exc.gone:
                 raise
+            # deleted after the adaptation read it: that image is not there any more, not a fault of the service
             raise ImageNotFound(name, f"bucket {store.bucket!r} or the image was deleted since") from exc
         image = open_image(data, filename=name.rsplit("/", 1)[-1])
         image.thumbnail((size, size), Image.Resampling.BILINEAR)

@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,20 @@ _TEMPORARY_PREFIX = ".tmp-"
 
 class StorageError(Exception):
     """The object store cannot be reached or refused an operation."""
+
+
+class SourceUnreadable(Exception):
+    """A bucket or object the service can no longer read: deleted (NoSuchBucket, NoSuchKey) or its access
+    withdrawn (AccessDenied). Not a StorageError: retrying does not bring it back."""
+
+    def __init__(self, bucket: str, code: str) -> None:
+        super().__init__(f"cannot read bucket {bucket!r}: {code}")
+        self.bucket = bucket
+        self.code = code
+
+    @property
+    def gone(self) -> bool:
+        return self.code != "AccessDenied"
 
 
 class InvalidKeyError(ValueError):
@@ -182,8 +197,22 @@ class LocalStore:
         return None
 
 
+_UNREADABLE = ("NoSuchBucket", "NoSuchKey", "AccessDenied")
+
+
+@contextmanager
+def _reading(bucket: str) -> Iterator[None]:
+    """S3's answers that a bucket or object cannot be read, as SourceUnreadable; other errors unchanged."""
+    try:
+        yield
+    except S3Error as exc:
+        if exc.code in _UNREADABLE:
+            raise SourceUnreadable(bucket, exc.code) from exc
+        raise
+
+
 class S3Store:
-    """MinIO / S3 through the `minio` client; errors surface as StorageError."""
+    """MinIO / S3 through the `minio` client; errors surface as StorageError, or SourceUnreadable when reading."""
 
     def __init__(self, client: Minio, bucket: str) -> None:
         self.client = client
@@ -216,14 +245,16 @@ class S3Store:
 
     def get_file(self, key: str, path: Path) -> None:
         try:
-            self.client.fget_object(self.bucket, key, str(path))
-        except S3Error as exc:
+            with _reading(self.bucket):
+                self.client.fget_object(self.bucket, key, str(path))
+        except SourceUnreadable as exc:
             if exc.code == "NoSuchKey":
                 raise FileNotFoundError(key) from exc
             raise
 
     def stream(self, key: str) -> Iterator[bytes]:
-        response = self.client.get_object(self.bucket, key)
+        with _reading(self.bucket):
+            response = self.client.get_object(self.bucket, key)
         try:
             yield from response.stream(CHUNK_BYTES)
         finally:
@@ -231,11 +262,12 @@ class S3Store:
             response.release_conn()
 
     def list(self, prefix: str) -> list[ObjectInfo]:
-        return [
-            ObjectInfo(item.object_name, item.size or 0)
-            for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
-            if item.object_name is not None and not item.is_dir
-        ]
+        with _reading(self.bucket):
+            return [
+                ObjectInfo(item.object_name, item.size or 0)
+                for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if item.object_name is not None and not item.is_dir
+            ]
 
     def exists(self, key: str) -> bool:
         try:

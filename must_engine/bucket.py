@@ -25,7 +25,7 @@ from must_engine.base_models import FetchWeights
 from must_engine.estimate import BucketEvidence
 from must_engine.images import open_image
 from must_engine.predictor import Prediction, Predictor, top_predictions
-from must_engine.unknown import OOD_SCORE, SCORE_HISTOGRAM_BINS, is_unknown, score_histogram
+from must_engine.unknown import OOD_SCORE, SCORE_HISTOGRAM_BINS, THRESHOLD_METHODS, is_unknown, score_histogram
 
 # Columns of the CSV form of a row: the top-1 of each model (the JSONL form carries the top-k lists).
 CSV_COLUMNS = ("image", "label", "score", "zero_shot_label", "zero_shot_score", "changed", "ood_score", "unknown")
@@ -95,12 +95,11 @@ def label_bucket(
         histogram += score_histogram(batch.ood_scores)
         on_rows(rows_of(batch, adapted.class_names, top_k))
     report = evidence.report(training_metrics=metadata.get("metrics"))
+    method = (metadata.get("unknown") or {}).get("method", "default")  # unknown.fit_threshold's
     report["unknown"] = {
         "threshold": adapted.unknown_threshold, "share": flagged / len(ordered) if ordered else 0.0,
         "score": OOD_SCORE, "histogram": histogram.tolist(),  # equal bins of [0, 1], lowest score first
-        # how the threshold was fitted (unknown.fit_threshold): "mixture" found two groups, "clean_quantile"
-        # did not and flags the top 1%; "default" for a model that had no bucket to fit on
-        "method": (metadata.get("unknown") or {}).get("method", "default"),
+        "method": method, "how": THRESHOLD_METHODS.get(method, ""),  # how the threshold was fitted, in words
     }
     write_report(artifact_dir, report)
     return report

@@ -18,7 +18,6 @@ from must_engine.config import PRESETS, ConfigError, resolve_config
 from must_engine.data import NoImagesError, collect_images
 from must_engine.images import ArchiveError, ImageError, open_image
 from must_engine.predictor import Predictor
-from must_engine.unknown import THRESHOLD_METHODS
 
 USER_ERRORS = (ConfigError, BaseModelError, ImageError, ArchiveError, NoImagesError, FileNotFoundError, ValueError)
 
@@ -151,7 +150,7 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
           f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot")
     unknown = report["unknown"]
     print(f"{100 * unknown['share']:.1f}% of the images look like no known class (ood_score above "
-          f"{unknown['threshold']:.3f}, {THRESHOLD_METHODS.get(unknown['method'], unknown['method'])})")
+          f"{unknown['threshold']:.3f}). {unknown['how']}")
     print(f"estimated top-1 ({estimate['estimator']}, label-free): adapted {100 * estimate['adapted']:.1f}%, "
           f"zero-shot {100 * estimate['zero_shot']:.1f}%  [{estimate['measured_error']['summary']}]")
 

@@ -124,12 +124,14 @@ def fit_threshold(scores: torch.Tensor, iterations: int = 200) -> dict[str, floa
     }
 
 
-# What each `method` of fit_threshold means, for people reading a report (the CLI prints it).
+# What each `method` of fit_threshold means, as one sentence for people reading a report: the bucket report
+# carries it as `how`, which the CLI prints and the dashboard shows under the score histogram.
 THRESHOLD_METHODS = {
-    "mixture": "where the bucket's scores split into two groups",
-    "clean_quantile": "the bucket's top 1%: its scores form no second group",
-    "too_few_images": "the highest score: too few images to fit on",
-    "default": "the default of a model with no bucket",
+    "mixture": "The bucket's scores form two groups; the threshold is where the upper one becomes the likelier.",
+    "clean_quantile": "The bucket's scores form no second group, so it looks clean and the threshold flags its "
+                      "top 1%.",
+    "too_few_images": "Too few images to fit on: the threshold is the bucket's highest score.",
+    "default": "The model had no bucket to fit on: the threshold is the default.",
 }
 
 

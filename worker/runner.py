@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import urllib3
-from minio.error import S3Error
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.jobs import (
@@ -35,7 +34,7 @@ from app.db.models import Adaptation, AdaptationStatus, EventType, Model, new_id
 from app.db.session import is_database_unavailable, transaction
 from app.predictions import predictions_prefix
 from app.settings import Settings
-from app.storage import ObjectStore, StorageError, download_prefix, object_key, upload_directory
+from app.storage import ObjectStore, SourceUnreadable, StorageError, download_prefix, object_key, upload_directory
 from app.validation import (
     ImageLimits,
     InputError,
@@ -237,12 +236,8 @@ class AdaptationRunner:
         downloaded = root / "source"
         try:
             download_prefix(source, spec.source_prefix, downloaded)
-        except S3Error as exc:
-            if exc.code not in ("NoSuchBucket", "AccessDenied"):
-                raise
-            raise InputError(
-                "source_unavailable", f"cannot read bucket {spec.source_bucket!r}: {exc.code}", "source.bucket"
-            ) from exc
+        except SourceUnreadable as exc:
+            raise InputError("source_unavailable", str(exc), "source.bucket") from exc
         limits = ImageLimits.from_settings(self.settings)
         images = images_in_directory(downloaded, root / "extracted", limits)
         check_images(images, limits)

@@ -17,6 +17,7 @@ from app.storage import (
     LocalStore,
     ObjectStore,
     S3Store,
+    SourceUnreadable,
     check_source_prefix,
     download_prefix,
     object_key,
@@ -108,3 +109,37 @@ def test_source_prefixes_are_normalised(prefix: str, expected: str) -> None:
 def test_source_prefixes_that_escape_are_refused(prefix: str) -> None:
     with pytest.raises(InvalidKeyError):
         check_source_prefix(prefix)
+
+
+def test_a_source_the_service_cannot_read_is_not_a_storage_outage(s3_server, tmp_path: Path) -> None:
+    """A team's bucket deleted (or an object gone) answers SourceUnreadable, which callers turn into a clear
+    4xx or a failed job; StorageError would be retried as an outage forever."""
+    settings = Settings(data_dir=tmp_path, s3_endpoint=s3_server.endpoint, s3_access_key=s3_server.access_key,
+                        s3_secret_key=s3_server.secret_key)
+    missing = S3Store(s3_client(settings), f"never-made-{secrets.token_hex(4)}")
+    for read in (lambda: missing.list("photos/"), lambda: b"".join(missing.stream("photos/a.jpg"))):
+        with pytest.raises(SourceUnreadable) as raised:
+            read()
+        assert (raised.value.code, raised.value.bucket, raised.value.gone) == ("NoSuchBucket", missing.bucket, True)
+    present = S3Store(s3_client(settings), f"made-{secrets.token_hex(4)}")
+    present.ensure_bucket()
+    with pytest.raises(SourceUnreadable) as raised:
+        b"".join(present.stream("photos/gone.jpg"))
+    assert raised.value.code == "NoSuchKey" and raised.value.gone
+
+
+@pytest.mark.parametrize(("code", "translated"), [("AccessDenied", True), ("NoSuchBucket", True),
+                                                  ("SlowDown", False), ("InternalError", False)])
+def test_only_unreadable_answers_are_translated(code: str, translated: bool) -> None:
+    """Access withdrawn is unreadable but not gone (moto cannot refuse access, so the S3 answer is built here)."""
+    from minio.error import S3Error
+
+    from app.storage import _reading
+
+    answer = S3Error(None, code, "refused", "/bucket", "request", "host")  # type: ignore[arg-type]
+    with pytest.raises(SourceUnreadable if translated else S3Error) as raised, _reading("team-bucket"):
+        raise answer
+    if translated:
+        assert isinstance(raised.value, SourceUnreadable)
+        assert raised.value.code == code and raised.value.gone == (code != "AccessDenied")
+

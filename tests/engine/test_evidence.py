@@ -112,14 +112,15 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
 
     report = read_metadata(out)["report"]
     assert report["num_images"] == 24
-    assert f"{THRESHOLD_METHODS[report['unknown']['method']]})" in printed  # how the printed threshold was fitted
+    method = read_metadata(out)["unknown"]["method"]
+    assert report["unknown"]["how"] == THRESHOLD_METHODS[method] and report["unknown"]["how"] in printed
     assert sum(report["class_histogram"]["adapted"].values()) == 24
     changed = sum(row["changed"] == "true" for row in rows) / 24
     assert report["changed_from_zero_shot"] == pytest.approx(changed)
     assert report["unknown"] == {"threshold": read_metadata(out)["unknown"]["threshold"],
                                  "share": pytest.approx(sum(row["unknown"] == "true" for row in rows) / 24),
                                  "score": "entropy", "histogram": report["unknown"]["histogram"],
-                                 "method": read_metadata(out)["unknown"]["method"]}
+                                 "method": method, "how": THRESHOLD_METHODS[method]}
     # the histogram counts the rows' own scores, bin by bin (20 equal bins of [0, 1])
     expected = [0] * 20
     for row in rows:

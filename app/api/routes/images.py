@@ -11,6 +11,7 @@ from app.api.deps import CurrentTeam, ServicesDep, SessionDep
 from app.db.models import Adaptation as AdaptationRow
 from app.errors import ApiError, bad_request, not_found
 from app.gallery import THUMBNAIL_SIZES, ImageNotFound
+from app.storage import SourceUnreadable
 from must_engine import ImageError
 
 router = APIRouter(prefix="/adaptations", tags=["predictions"])
@@ -45,6 +46,9 @@ async def image_thumbnail(
     except ImageNotFound as exc:
         why = f" ({exc.reason})" if exc.reason else ""
         raise ApiError(404, "not_found", f"no image named {name!r} in this adaptation's bucket{why}", "name") from exc
+    except SourceUnreadable as exc:
+        raise ApiError(409, "source_unavailable", f"the service can no longer read bucket {exc.bucket!r} "
+                       f"({exc.code}): grant it read access again to see its images", "adaptation_id") from exc
     except ImageError as exc:
         raise bad_request(exc.code, str(exc), "name") from exc
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

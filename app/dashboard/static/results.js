@@ -38,11 +38,9 @@ function unknownLine(report) {
 function unknownChart(unknown) {
   const chart = el("div", { id: "res-unknown-chart" });
   scoreHistogram(chart, unknown.histogram, unknown.threshold);
-  const how = { mixture: "The scores form two groups; the line is where the upper one becomes the likelier. ",
-    clean_quantile: "The scores form no second group, so the bucket looks clean and the line flags its top 1%. " };
   return el("figure", { class: "chart" }, chart, el("figcaption", { class: "muted", id: "res-unknown-how" },
-    "The ood score of every bucket image; right of the dashed line: of no known class. ", how[unknown.method] || "",
-    "A request's ", el("code", {}, "min_score"), " m moves the line to 1 - m."));
+    "The ood score of every bucket image; right of the dashed line (the threshold): of no known class. ",
+    unknown.how ? `${unknown.how} ` : "", "A request's ", el("code", {}, "min_score"), " m moves the line to 1 - m."));
 }
 
 // Thumbnails need the key, so they are fetched and shown as blob: URLs, a few at a time.
