@@ -32,6 +32,7 @@ import torch
 from benchmarks.peers import em_prior, image_embeddings, label_propagation, sinkhorn_balance, tent
 from must_engine import Predictor, adapt, resolve_job_config
 from must_engine.cli import parse_override
+from must_engine.estimate import beyond_balancing
 from must_engine.evaluate import class_key, labelled_folders
 from must_engine.images import open_image
 
@@ -105,6 +106,10 @@ def run_target(
                                                       device=device)
             probs = sinkhorn_balance(adapted[base]) if balanced else adapted[base]
         results[variant] = {**score(probs, labels), "seconds": time.perf_counter() - started}
+        if variant != "zero_shot":  # what the report's `beyond_balancing` would say of this variant, label-free
+            shares = beyond_balancing(probs, zero_shot_probs)
+            results[variant].update(class_balancing=shares["class_balancing"],
+                                    differs_from_balanced=shares["adapted_differs"])
         print(f"  {target.name:<18} {variant:<14} seed {seed} top-1 {results[variant]['top1']:.4f}  "
               f"({results[variant]['seconds']:.0f} s)", flush=True)
         if on_row is not None:

@@ -146,8 +146,11 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
                               on_progress=lambda done, _: bar.update(done - bar.n))
     bar.close()
     estimate = report["estimated_top1"]
+    beyond = report["beyond_balancing"]
     print(f"{sink.count} predictions written to {out}; "
-          f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot")
+          f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot, of which balancing zero-shot's "
+          f"classes over the bucket alone changes {100 * beyond['class_balancing']:.1f}%; the adapted model "
+          f"differs from that balanced assignment on {100 * beyond['adapted_differs']:.1f}%")
     unknown = report["unknown"]
     print(f"{100 * unknown['share']:.1f}% of the images look like no known class (ood_score above "
           f"{unknown['threshold']:.3f}). {unknown['how']}")

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from must_engine.balance import sinkhorn_class_bias
+
 
 @dataclass(frozen=True)
 class _Columns:
@@ -131,6 +133,24 @@ OT_SAMPLE = 10_000
 DEFAULT_ESTIMATOR = "optimal_transport"
 
 
+def beyond_balancing(adapted: torch.Tensor, zero_shot: torch.Tensor) -> dict[str, float]:
+    """How much of the change from zero-shot a training-free step explains, from both models' rows for the
+    same images (the whole bucket up to OT_SAMPLE images, a seeded sample beyond).
+
+    The balanced assignment (zero-shot's probabilities with the Sinkhorn offsets that make its predicted classes
+    uniform over these images, must_engine.balance) is what `auto` starts from and what a team gets without any
+    training. `class_balancing` is the share of images whose zero-shot label that alone changes; `adapted_differs`
+    the share where the adapted model disagrees with it: what training changed that balancing would not.
+    """
+    log_zero_shot = zero_shot.double().clamp(min=1e-12).log()
+    balanced = (log_zero_shot + sinkhorn_class_bias(zero_shot).double()).argmax(dim=-1)
+    return {
+        "class_balancing": _mean((balanced != zero_shot.argmax(dim=-1)).float()),
+        "adapted_differs": _mean((adapted.argmax(dim=-1) != balanced).float()),
+        "images": len(zero_shot),
+    }
+
+
 class BucketEvidence:
     """Accumulates both models' probabilities batch by batch, then reports without labels."""
 
@@ -200,6 +220,7 @@ class BucketEvidence:
                 model: dict(zip(self.class_names, counts, strict=True)) for model, counts in histogram.items()
             },
             "mean_top1_score": {"adapted": _mean(c.conf_adapted), "zero_shot": _mean(c.conf_zero_shot)},
+            "beyond_balancing": beyond_balancing(c.sample_adapted, c.sample_zero_shot),
             # The student's agreement with the EMA teacher's pseudo-labels over the last logging window.
             "teacher_student_agreement": metrics.get("agreement"),
             "estimated_top1": {

@@ -154,6 +154,12 @@ def test_the_whole_flow_in_the_browser(
     assert {f.get_attribute("data-image") for f in css_all(browser, "#gallery .thumb.changed")} == changed
     model = httpx.get(f"{live_url}/models/{model_id}", headers=team.headers).json()
     assert css(browser, "#rep-changed").text == f"{100 * model['report']['changed_from_zero_shot']:.1f}%"
+    beyond = model["report"]["beyond_balancing"]
+    balancing, differs = browser.execute_script(  # formatted as the page formats them
+        "return Array.from(arguments).map((v) => (100 * v).toFixed(1))",
+        beyond["class_balancing"], beyond["adapted_differs"])
+    assert css(browser, "#rep-beyond").text == (f"balancing zero-shot's classes over the bucket alone changes "
+                                                 f"{balancing}%; the adapted model differs from that on {differs}%")
     assert css(browser, "#rep-est-adapted").text == f"{100 * model['report']['estimated_top1']['adapted']:.1f}%"
     # what the bucket threshold flagged, and the histogram of the scores it was fitted on
     unknown, flagged = model["report"]["unknown"], {row["image"] for row in rows if row["unknown"]}

@@ -46,6 +46,22 @@ def test_estimators_and_report_on_known_probabilities() -> None:
                                                               strict=True))
     estimate = report["estimated_top1"]
     assert estimate["estimator"] == DEFAULT_ESTIMATOR and estimate["measured_error"]["mae_points"] > 0
+    assert report["beyond_balancing"]["images"] == 50
+
+
+def test_beyond_balancing_separates_what_balancing_alone_changes_from_what_training_did() -> None:
+    """A zero-shot head that favours class 0 so much that it calls everything 0: balancing its classes over
+    the bucket alone recovers the 20 images of classes 1 and 2. An adapted model that says what balancing says
+    changed nothing beyond it; one still equal to zero-shot differs from the balance on those 20 images."""
+    truth = torch.arange(30) % 3
+    zero_shot = torch.softmax(4 * torch.nn.functional.one_hot(truth, 3) + torch.tensor([5.0, 0.0, 0.0]), dim=-1)
+    assert (zero_shot.argmax(1) == 0).all()
+    for adapted, differs in ((torch.nn.functional.one_hot(truth, 3).float(), 0.0), (zero_shot, 20 / 30)):
+        evidence = BucketEvidence(CLASSES)
+        evidence.add(adapted, zero_shot)
+        beyond = evidence.report()["beyond_balancing"]
+        assert beyond == {"class_balancing": pytest.approx(20 / 30), "adapted_differs": pytest.approx(differs),
+                          "images": 30}
 
 
 def test_dispersity_estimators_at_their_extremes() -> None:
@@ -114,6 +130,9 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
     assert report["num_images"] == 24
     method = read_metadata(out)["unknown"]["method"]
     assert report["unknown"]["how"] == THRESHOLD_METHODS[method] and report["unknown"]["how"] in printed
+    beyond = report["beyond_balancing"]
+    assert (f"over the bucket alone changes {100 * beyond['class_balancing']:.1f}%; the adapted model differs from "
+            f"that balanced assignment on {100 * beyond['adapted_differs']:.1f}%") in printed
     assert sum(report["class_histogram"]["adapted"].values()) == 24
     changed = sum(row["changed"] == "true" for row in rows) / 24
     assert report["changed_from_zero_shot"] == pytest.approx(changed)

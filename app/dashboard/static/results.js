@@ -15,6 +15,7 @@ export function renderReport(model) {
   box.replaceChildren(el("dl", { class: "kv" },
     el("dt", {}, "Images in the bucket"), el("dd", {}, r.num_images),
     el("dt", {}, "Changed from zero-shot"), el("dd", { id: "rep-changed" }, pct(r.changed_from_zero_shot)),
+    r.beyond_balancing ? [el("dt", {}, "Beyond balancing"), el("dd", { id: "rep-beyond" }, beyondLine(r.beyond_balancing))] : null,
     el("dt", {}, "Mean top-1 score"), el("dd", {}, `${pct(r.mean_top1_score.adapted)} adapted, ${pct(r.mean_top1_score.zero_shot)} zero-shot`),
     el("dt", {}, "Teacher-student agreement"), el("dd", {}, pct(r.teacher_student_agreement)),
     el("dt", {}, "Estimated top-1, adapted"), el("dd", { id: "rep-est-adapted" }, pct(est.adapted)),
@@ -28,6 +29,12 @@ export function renderReport(model) {
     el("a", { id: "res-csv", onclick: () => downloadPredictions(model.adaptation_id) }, "All predictions (CSV)")));
   const hist = r.class_histogram;
   barChart($("#res-histogram"), model.class_names.map((name) => ({ label: name, values: [hist.adapted[name] || 0, hist.zero_shot[name] || 0] })), ["adapted", "zero-shot"]);
+}
+
+// What training changed that balancing zero-shot's classes over the bucket (no training at all) would not.
+function beyondLine(beyond) {
+  return `balancing zero-shot's classes over the bucket alone changes ${pct(beyond.class_balancing)}; ` +
+    `the adapted model differs from that on ${pct(beyond.adapted_differs)}`;
 }
 
 function unknownLine(report) {
