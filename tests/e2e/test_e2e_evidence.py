@@ -115,6 +115,10 @@ def test_report_in_the_model_and_its_artifact(stack, adapted) -> None:
         sum(r["zero_shot"][0]["score"] for r in rows) / 16, abs=1e-5)
     estimate = report["estimated_top1"]
     assert {"adapted", "zero_shot", "estimator", "measured_error"} <= set(estimate)
+    beyond = report["beyond_balancing"]  # on every image of a bucket this small: shares of 16
+    assert beyond["images"] == 16
+    assert all(16 * beyond[share] == pytest.approx(round(16 * beyond[share])) for share in
+               ("class_balancing", "adapted_differs"))
     archive = stack.client.get(f"/models/{model_id}/artifact", headers=team.headers)
     with zipfile.ZipFile(io.BytesIO(archive.content)) as files:
         assert json.loads(files.read(f"{model_id}/metadata.json"))["report"] == report
