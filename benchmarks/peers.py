@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from must_engine.balance import sinkhorn_class_bias
+from must_engine.balance import balanced_log_probs
 from must_engine.models import ImageClassifier
 
 
 def sinkhorn_balance(probs: torch.Tensor) -> torch.Tensor:
     """The balanced assignment (rows sum to 1, columns to N/K) through the offsets the product folds into its
     head (must_engine.balance), so the peer and `balance_classes` are one computation."""
-    return (probs.clamp(min=1e-12).log() + sinkhorn_class_bias(probs)).softmax(dim=-1)
+    return balanced_log_probs(probs).softmax(dim=-1)
 
 
 def em_prior(probs: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> torch.Tensor:

@@ -34,6 +34,12 @@ def sinkhorn_class_bias(probs: torch.Tensor, iterations: int = 100) -> torch.Ten
     return (bias - bias.mean()).float()
 
 
+def balanced_log_probs(probs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) unnormalised log-probabilities of the balanced assignment, log P_ik + log v_k (its argmax is the
+    balanced labels); `bias` when the offsets of these probabilities are already known."""
+    return probs.clamp(min=1e-12).log() + (sinkhorn_class_bias(probs) if bias is None else bias)
+
+
 @torch.inference_mode()
 def bucket_logits(
     classifier: ImageClassifier, paths: Sequence[Path], preprocess: dict[str, Any], device: torch.device,
@@ -65,7 +71,7 @@ def balance_classes(
         probs = probs[known]
     bias = sinkhorn_class_bias(probs)
     before = probs.argmax(dim=-1)
-    after = (probs.clamp(min=1e-12).log() + bias).argmax(dim=-1)
+    after = balanced_log_probs(probs, bias).argmax(dim=-1)
     classifier.class_bias.copy_(bias.to(classifier.class_bias.device))
     counts = torch.bincount(after, minlength=classifier.num_classes).float()
     return {

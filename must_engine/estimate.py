@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from must_engine.balance import sinkhorn_class_bias
+from must_engine.balance import balanced_log_probs
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,7 @@ def beyond_balancing(adapted: torch.Tensor, zero_shot: torch.Tensor) -> dict[str
     training. `class_balancing` is the share of images whose zero-shot label that alone changes; `adapted_differs`
     the share where the adapted model disagrees with it: what training changed that balancing would not.
     """
-    log_zero_shot = zero_shot.double().clamp(min=1e-12).log()
-    balanced = (log_zero_shot + sinkhorn_class_bias(zero_shot).double()).argmax(dim=-1)
+    balanced = balanced_log_probs(zero_shot).argmax(dim=-1)
     return {
         "class_balancing": _mean((balanced != zero_shot.argmax(dim=-1)).float()),
         "adapted_differs": _mean((adapted.argmax(dim=-1) != balanced).float()),
