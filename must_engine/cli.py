@@ -148,7 +148,7 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
     estimate = report["estimated_top1"]
     beyond = report["beyond_balancing"]
     print(f"{sink.count} predictions written to {out}; "
-          f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot, of which balancing zero-shot's "
+          f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot; balancing zero-shot's "
           f"classes over the bucket alone changes {100 * beyond['class_balancing']:.1f}%; the adapted model "
           f"differs from that balanced assignment on {100 * beyond['adapted_differs']:.1f}%")
     unknown = report["unknown"]
