@@ -142,4 +142,3 @@ def test_only_unreadable_answers_are_translated(code: str, translated: bool) -> 
     if translated:
         assert isinstance(raised.value, SourceUnreadable)
         assert raised.value.code == code and raised.value.gone == (code != "AccessDenied")
-
