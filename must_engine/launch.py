@@ -26,12 +26,27 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from must_engine.base_models import DEFAULT_BASE_MODEL, FetchWeights, parse_base_model
+from must_engine.config import MustConfig
 
 
 class RankFailed(RuntimeError):
     """A rank ended without an error of its own (killed, out of memory, crashed): the run stopped whole."""
 
     code = "rank_failed"
+
+
+def processes_for(config: MustConfig, available: int) -> int:
+    """The most ranks, up to `available`, that split the config's batch evenly (the rule of `split_batch`).
+
+    The batch is global, so fewer ranks train the same model, only slower: a worker runs a job whose batch
+    does not split over all of its GPUs on fewer of them instead of failing it. The API cannot check this
+    for it: which worker (one GPU or several) takes a job is decided by the queue.
+    """
+    def splits(ranks: int) -> bool:
+        per_step = (config.micro_batch_size or 1) * ranks
+        return config.batch_size % per_step == 0
+
+    return max(ranks for ranks in range(1, max(available, 1) + 1) if splits(ranks))
 
 
 def torchrun_main(nproc: int, argv: Sequence[str]) -> int:

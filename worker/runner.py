@@ -56,7 +56,7 @@ from must_engine import (
     adapt,
 )
 from must_engine.bucket import NamedPath
-from must_engine.launch import RankFailed, adapt_on_ranks
+from must_engine.launch import RankFailed, adapt_on_ranks, processes_for
 from worker.evidence import BucketEvidence, bucket_names, label_job_bucket
 from worker.lease import LeaseKeeper, LeaseLost
 
@@ -209,7 +209,10 @@ class AdaptationRunner:
                 self._event(spec, EventType.MESSAGE, "found a checkpoint from an earlier attempt; resuming")
             keeper.check()
             fetch_weights = WeightsFetcher(self.store, self.settings)
-            nproc = self.settings.gpus_per_job
+            nproc = processes_for(config, self.settings.gpus_per_job)
+            if nproc < self.settings.gpus_per_job:
+                self._event(spec, EventType.MESSAGE, f"batch_size {config.batch_size} does not split over "
+                            f"{self.settings.gpus_per_job} processes; training on {nproc}")
             train = adapt if nproc == 1 else partial(adapt_on_ranks, nproc)
             result = train(
                 [path for path, _ in images],

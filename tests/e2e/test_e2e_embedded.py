@@ -156,37 +156,49 @@ def test_embedded_service_adapts_and_classifies(
 def test_the_embedded_worker_trains_a_job_on_two_processes(
     workdir: Path, unused_port: int, dtd_images, base_model: str, tiny_config: dict
 ) -> None:
-    """MUST_GPUS_PER_JOB=2 on a host without GPUs: two gloo ranks train one job, the worker records it once."""
+    """MUST_GPUS_PER_JOB=2 on a host without GPUs: two gloo ranks train one job, the worker records it once;
+    a job whose batch does not split over two trains on one instead of failing."""
     headers = _create_team(workdir)
     with _serving(workdir, unused_port, {"MUST_GPUS_PER_JOB": "2"}) as url, \
             httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-        response = client.post(
-            "/adaptations",
-            data={"class_names": json.dumps(["banded", "blotchy"]), "base_model": base_model,
-                  "config": json.dumps({**tiny_config, "epochs": 2})},
-            files={"images": ("textures.zip", dtd_images.zip(dtd_images.paths(16)), "application/zip")},
-        )
-        assert response.status_code == 202, response.text
-        adaptation_id = response.json()["id"]
-        deadline = time.monotonic() + 300
-        while (body := client.get(f"/adaptations/{adaptation_id}").json())["status"] not in (
-            "succeeded", "failed", "cancelled",
-        ):
-            assert time.monotonic() < deadline, body
-            time.sleep(1)
-        assert body["status"] == "succeeded", (body, (workdir / "serve.log").read_text()[-3000:])
+
+        def adapt(config: dict) -> tuple[dict, list[dict]]:
+            response = client.post(
+                "/adaptations",
+                data={"class_names": json.dumps(["banded", "blotchy"]), "base_model": base_model,
+                      "config": json.dumps(config)},
+                files={"images": ("textures.zip", dtd_images.zip(dtd_images.paths(16)), "application/zip")},
+            )
+            assert response.status_code == 202, response.text
+            adaptation_id = response.json()["id"]
+            deadline = time.monotonic() + 300
+            while (body := client.get(f"/adaptations/{adaptation_id}").json())["status"] not in (
+                "succeeded", "failed", "cancelled",
+            ):
+                assert time.monotonic() < deadline, body
+                time.sleep(1)
+            assert body["status"] == "succeeded", (body, (workdir / "serve.log").read_text()[-3000:])
+            events = client.get(f"/adaptations/{adaptation_id}/events", params={"limit": 1000}).json()["data"]
+            return body, events
+
+        body, events = adapt({**tiny_config, "epochs": 2})
         assert body["progress"]["step"] == body["progress"]["total_steps"] == 4 and body["attempts"] == 1
-        events = client.get(f"/adaptations/{adaptation_id}/events", params={"limit": 1000}).json()["data"]
         messages = [event["message"] or "" for event in events]
         assert any("4 steps of 8 images on 2 x cpu (gloo)" in message for message in messages), messages
+        assert not any("does not split" in message for message in messages), messages
         progress = [event["data"]["step"] for event in events if "step" in (event["data"] or {})
                     and event["type"] == "progress"]
         assert progress == sorted(progress) and progress[-1] == 4  # rank 0's reports only, each step once
         assert len(progress) == len(set(progress))
-        rows = client.get(f"/adaptations/{adaptation_id}/predictions", params={"format": "jsonl"}).text.splitlines()
+        rows = client.get(f"/adaptations/{body['id']}/predictions", params={"format": "jsonl"}).text.splitlines()
         assert len(rows) == 16
+
+        body, events = adapt({**tiny_config, "batch_size": 5})
+        messages = [event["message"] or "" for event in events]
+        assert "batch_size 5 does not split over 2 processes; training on 1" in messages, messages
+        assert any("steps of 5 images on cpu" in message for message in messages), messages
     models = [path for path in (workdir / "var" / "objects").rglob("model.safetensors") if "models" in path.parts]
-    assert len(models) == 1
+    assert len(models) == 2
 
 
 def _children(pid: int) -> list[int]:

@@ -11,7 +11,7 @@ import pytest
 
 from must_engine import AdaptCancelled, resolve_job_config
 from must_engine.checkpoint import load_checkpoint
-from must_engine.launch import RankFailed, adapt_on_ranks
+from must_engine.launch import RankFailed, adapt_on_ranks, processes_for
 from must_engine.train import Progress
 
 CLASSES = ["banded", "blotchy", "braided"]
@@ -21,6 +21,17 @@ def _config(base_model: str, **overrides: object):
     return resolve_job_config("auto", {"epochs": 20, "batch_size": 8, "num_workers": 0, "log_every": 1,
                                        "checkpoint_every": 1, **overrides},
                               num_images=24, num_classes=3, base_model=base_model)
+
+
+@pytest.mark.parametrize(("batch", "micro", "available", "expected"), [
+    (8, 0, 1, 1), (8, 0, 2, 2), (8, 0, 4, 4), (8, 0, 3, 2), (5, 0, 2, 1), (6, 0, 4, 3),
+    (8, 4, 2, 2), (8, 4, 4, 2), (12, 4, 4, 3), (8, 8, 2, 1),
+])
+def test_a_job_runs_on_the_most_processes_that_split_its_batch(
+    tiny_base_model: str, batch: int, micro: int, available: int, expected: int
+) -> None:
+    config = _config(tiny_base_model, batch_size=batch, micro_batch_size=micro)
+    assert processes_for(config, available) == expected
 
 
 def _rank_processes() -> list[int]:
