@@ -212,9 +212,10 @@ def _sets(overrides: dict[str, object]) -> list[str]:
     return [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
 
 
-def _command(base_model: str, images: Path, out: Path) -> list[str]:
+def _command(base_model: str, images: Path, out: Path, nproc: int = 2) -> list[str]:
+    """`must adapt` on nproc ranks, each with its share of the global micro-batch of 8."""
     return [str(MUST), "adapt", "--images", str(images), "--classes", ",".join(CLASSES), "--base-model", base_model,
-            *_sets({**RUN, "micro_batch_size": 4}), "--out", str(out), "--nproc", "2", "--quiet"]
+            *_sets({**RUN, "micro_batch_size": 8 // nproc}), "--out", str(out), "--nproc", str(nproc), "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +266,12 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.parametrize("resume_nproc", [2, 1])
 def test_a_killed_rank_stops_the_run_whole_and_a_rerun_resumes_from_its_checkpoint(
-    tiny_base_model: str, dtd_subset: Path, tmp_path: Path, one_process: Path
+    tiny_base_model: str, dtd_subset: Path, tmp_path: Path, one_process: Path, resume_nproc: int
 ) -> None:
+    """The rerun on one process is the worker's case: a job's next attempt may land on a worker with fewer
+    GPUs; the batch is global, so its checkpoint resumes there to the same model."""
     out, work = tmp_path / "model", tmp_path / "model.work"
     command = _command(tiny_base_model, dtd_subset, out)
     with (tmp_path / "first.log").open("wb") as log:
@@ -284,7 +288,8 @@ def test_a_killed_rank_stops_the_run_whole_and_a_rerun_resumes_from_its_checkpoi
     assert checkpoint is not None and checkpoint["step"] == 5  # mid-epoch: 80 images of 24 a epoch
     assert not (out / WEIGHTS_FILE).exists(), "no artifact from a run that lost a rank"
 
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_command(tiny_base_model, dtd_subset, out, resume_nproc), capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from checkpoint at step 5" in resumed.stdout + resumed.stderr
     _assert_same_model(one_process, out)
