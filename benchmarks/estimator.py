@@ -1,11 +1,12 @@
 """Label-free accuracy estimators against the truth, on the proxy benchmark's 8 shifted targets.
 
-For each target `<targets>/<shift>/<class>/<image>` this runs zero-shot and the calibrated MUST adaptation
-(benchmarks.quality's CALIBRATED, adapting on the folder without labels), labels every image with both
-(the engine's `label_batches`, as the worker does for a bucket), and compares each estimator of
-`must_engine.estimate` with the true top-1. Labels are read here only, to score the estimates.
+For each target `<targets>/<shift>/<class>/<image>` this runs zero-shot and an adaptation on the folder
+without labels (`--adaptation auto`: the product's default, `must adapt` with no settings; `calibrated`:
+the paper's MUST under benchmarks.quality's CALIBRATED), labels every image with both (the engine's
+`label_batches`, as the worker does for a bucket), and compares each estimator of `must_engine.estimate`
+with the true top-1. Labels are read here only, to score the estimates.
 
-    python -m benchmarks.estimator --targets runs/shifts1k --cache runs/estimator
+    python -m benchmarks.estimator --targets runs/shifts1k --cache runs/estimator-auto --adaptation auto
 
 Probabilities are cached per target in --cache, so a rerun only recomputes the estimates.
 """
@@ -28,8 +29,10 @@ from must_engine.bucket import label_batches
 from must_engine.estimate import ESTIMATORS, BucketEvidence
 from must_engine.evaluate import class_key, labelled_folders
 
+ADAPTATIONS: dict[str, dict[str, Any]] = {"auto": {}, "calibrated": {**CALIBRATED, **ABLATION["must"]}}
 
-def collect(target: Path, cache: Path, *, base_model: str, device: str) -> dict[str, Any]:
+
+def collect(target: Path, cache: Path, *, adaptation: str, base_model: str, device: str) -> dict[str, Any]:
     """Both models' probabilities on every image of the target, with the true labels (cached as .npz)."""
     path = cache / f"{target.name}.npz"
     if not path.exists():
@@ -38,7 +41,7 @@ def collect(target: Path, cache: Path, *, base_model: str, device: str) -> dict[
         class_names = list(folders)
         samples = [(image, name) for name, images in folders.items() for image in images]
         zero_shot = Predictor.zero_shot(base_model, class_names, device=device)
-        config = resolve_job_config("auto", {**CALIBRATED, **ABLATION["must"]}, num_images=len(samples),
+        config = resolve_job_config("auto", ADAPTATIONS[adaptation], num_images=len(samples),
                                     num_classes=len(class_names), base_model=base_model)
         with tempfile.TemporaryDirectory() as out:
             result = adapt(target, class_names, Path(out), base_model=base_model, config=config, device=device)
@@ -53,10 +56,14 @@ def collect(target: Path, cache: Path, *, base_model: str, device: str) -> dict[
             adapted=torch.cat([b.adapted for b in batches]).numpy(),
             zero_shot=torch.cat([b.zero_shot for b in batches]).numpy(),
             class_names=np.array(adapted.class_names),
+            adaptation=np.array(adaptation),
             agreement=np.array(result.metrics.get("agreement", np.nan)),
         )
         print(f"  {target.name}: adapted and labelled in {time.perf_counter() - started:.0f} s", flush=True)
     data = np.load(path)
+    cached = str(data["adaptation"]) if "adaptation" in data.files else "calibrated"  # caches written before the choice
+    if cached != adaptation:
+        raise SystemExit(f"{path} holds the {cached!r} adaptation, not {adaptation!r}: use another --cache")
     return {key: data[key] for key in data.files}
 
 
@@ -119,13 +126,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=Path, required=True, help="folder of labelled target folders")
     parser.add_argument("--cache", type=Path, required=True, help="per-target probabilities (.npz), reused")
+    parser.add_argument("--adaptation", choices=sorted(ADAPTATIONS), default="auto",
+                        help="auto: the product's default; calibrated: the paper's MUST (section 2's settings)")
     parser.add_argument("--base-model", default="proxy-cifar10-tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args()
     targets = sorted(p for p in args.targets.iterdir() if p.is_dir())
-    table = {t.name: score_target(collect(t, args.cache, base_model=args.base_model, device=args.device))
-             for t in targets}
+    table = {t.name: score_target(collect(t, args.cache, adaptation=args.adaptation, base_model=args.base_model,
+                                          device=args.device)) for t in targets}
     summary = summarise(table)
     print_tables(table, summary)
     if args.json:

@@ -94,7 +94,8 @@ def label_bucket(
         flagged += int(batch.unknown.sum())
         histogram += score_histogram(batch.ood_scores)
         on_rows(rows_of(batch, adapted.class_names, top_k))
-    report = evidence.report(training_metrics=metadata.get("metrics"))
+    report = evidence.report(balanced_export=bool(metadata["config"].get("balance_classes")),
+                             training_metrics=metadata.get("metrics"))
     method = (metadata.get("unknown") or {}).get("method", "default")  # unknown.fit_threshold's
     report["unknown"] = {
         "threshold": adapted.unknown_threshold, "share": flagged / len(ordered) if ordered else 0.0,

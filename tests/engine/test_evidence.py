@@ -14,7 +14,7 @@ from must_engine.artifact import read_metadata
 from must_engine.audit import audit, unknown_folders
 from must_engine.bucket import RowsFile
 from must_engine.cli import main
-from must_engine.estimate import DEFAULT_ESTIMATOR, ESTIMATORS, BucketEvidence
+from must_engine.estimate import ESTIMATORS, SHIPPED, BucketEvidence
 from must_engine.evaluate import evaluate
 from must_engine.unknown import THRESHOLD_METHODS
 
@@ -39,14 +39,27 @@ def test_estimators_and_report_on_known_probabilities() -> None:
     assert nuclear["zero_shot"] == pytest.approx(expected, abs=1e-9)
     assert all(0 <= value <= 1 for name in ESTIMATORS for value in evidence.estimate(name).values())
 
-    report = evidence.report(training_metrics={"agreement": 0.75})
+    report = evidence.report(balanced_export=False, training_metrics={"agreement": 0.75})
     assert report["num_images"] == 50 and report["teacher_student_agreement"] == 0.75
     assert report["changed_from_zero_shot"] == pytest.approx(float((top_a != top_z).float().mean()))
     assert report["class_histogram"]["zero_shot"] == dict(zip(CLASSES, torch.bincount(top_z, minlength=3).tolist(),
                                                               strict=True))
-    estimate = report["estimated_top1"]
-    assert estimate["estimator"] == DEFAULT_ESTIMATOR and estimate["measured_error"]["mae_points"] > 0
     assert report["beyond_balancing"]["images"] == 50
+
+
+def test_the_report_estimates_with_the_estimator_measured_on_its_kind_of_export() -> None:
+    """A class-balanced export (auto's) and an unbalanced one (the paper's MUST) were measured apart and
+    ship different estimators; the report uses the one for its kind and carries that kind's error."""
+    assert SHIPPED["balanced"].estimator != SHIPPED["unbalanced"].estimator
+    torch.manual_seed(2)
+    evidence = BucketEvidence(CLASSES)
+    evidence.add(torch.softmax(torch.randn(40, 3) * 3, dim=-1), torch.softmax(torch.randn(40, 3) * 3, dim=-1))
+    for balanced_export, kind in ((True, "balanced"), (False, "unbalanced")):
+        estimate = evidence.report(balanced_export=balanced_export)["estimated_top1"]
+        shipped = SHIPPED[kind]
+        assert estimate == {**evidence.estimate(shipped.estimator), "estimator": shipped.estimator,
+                            "measured_error": shipped.measured_error}
+        assert estimate["measured_error"]["mae_points"] > 0 and estimate["measured_error"]["held_out"]
 
 
 def test_beyond_balancing_separates_what_balancing_alone_changes_from_what_training_did() -> None:
@@ -59,7 +72,7 @@ def test_beyond_balancing_separates_what_balancing_alone_changes_from_what_train
     for adapted, differs in ((torch.nn.functional.one_hot(truth, 3).float(), 0.0), (zero_shot, 20 / 30)):
         evidence = BucketEvidence(CLASSES)
         evidence.add(adapted, zero_shot)
-        beyond = evidence.report()["beyond_balancing"]
+        beyond = evidence.report(balanced_export=True)["beyond_balancing"]
         assert beyond == {"class_balancing": pytest.approx(20 / 30), "adapted_differs": pytest.approx(differs),
                           "images": 30}
 
@@ -128,6 +141,9 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
 
     report = read_metadata(out)["report"]
     assert report["num_images"] == 24
+    assert read_metadata(out)["config"]["balance_classes"]  # auto's export: the balanced kind's estimator
+    assert report["estimated_top1"]["estimator"] == SHIPPED["balanced"].estimator
+    assert report["estimated_top1"]["measured_error"]["summary"] in printed
     method = read_metadata(out)["unknown"]["method"]
     assert report["unknown"]["how"] == THRESHOLD_METHODS[method] and report["unknown"]["how"] in printed
     beyond = report["beyond_balancing"]
