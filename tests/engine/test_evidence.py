@@ -109,6 +109,21 @@ def test_optimal_transport_sample_is_a_seeded_reservoir(monkeypatch: pytest.Monk
     assert not torch.equal(first, probabilities[:20])  # later images replaced some of the first ones
 
 
+def test_a_paper_preset_model_is_reported_with_the_unbalanced_kinds_estimator(
+        tiny_base_model: str, dtd_subset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The named presets keep the paper's unbalanced export, so their report must not carry auto's figures."""
+    out = tmp_path / "model"
+    assert main(["adapt", "--images", str(dtd_subset), "--classes", ",".join(CLASSES), "--base-model",
+                 tiny_base_model, "--preset", "dtd", "--epochs", "1", "--set", "batch_size=8", "--set",
+                 "num_workers=0", "--device", "cpu", "--quiet", "--out", str(out),
+                 "--predictions", str(tmp_path / "labels.csv")]) == 0
+    assert not read_metadata(out)["config"]["balance_classes"]
+    estimate = read_metadata(out)["report"]["estimated_top1"]
+    assert estimate["estimator"] == SHIPPED["unbalanced"].estimator
+    assert estimate["measured_error"] == SHIPPED["unbalanced"].measured_error
+    assert SHIPPED["unbalanced"].measured_error["summary"] in capsys.readouterr().out
+
+
 def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out, table = tmp_path / "model", tmp_path / "labels.csv"
