@@ -115,7 +115,7 @@ def _validate_upload(form: MultipartForm, fingerprint: str, staging: Path, setti
     limits = ImageLimits.from_settings(settings)
     images = images_in_upload([(upload.path, upload.filename) for upload in uploads], staging / "extracted", limits)
     check_images(images, limits)
-    config = resolve_config(config_request, num_images=len(images), num_classes=len(names), base_model=base_model)
+    config = resolve_config(config_request, num_images=len(images), class_names=names, base_model=base_model)
     return Draft(
         fingerprint=fingerprint,
         class_names=names,
@@ -164,7 +164,7 @@ def _validate_source(body: AdaptationFromSource, fingerprint: str, settings: Set
         raise InputError("invalid_source", str(exc), "source.prefix") from exc
     # The image count is known only once the worker lists the bucket; checking the config against the
     # largest allowed count still catches unknown presets and out-of-range overrides now.
-    resolve_config(body.config, num_images=settings.max_images, num_classes=len(names), base_model=base_model)
+    resolve_config(body.config, num_images=settings.max_images, class_names=names, base_model=base_model)
     return Draft(
         fingerprint=fingerprint,
         class_names=names,

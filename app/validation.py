@@ -150,7 +150,9 @@ def engine_input_error(
     return InputError(exc.code, message, param)
 
 
-def resolve_config(config_request: dict[str, Any], *, num_images: int, num_classes: int, base_model: str) -> MustConfig:
+def resolve_config(
+    config_request: dict[str, Any], *, num_images: int, class_names: list[str], base_model: str
+) -> MustConfig:
     """`{"preset": name, ...overrides}` -> the engine's validated config for this job."""
     overrides = dict(config_request)
     preset = overrides.pop("preset", "auto")
@@ -158,7 +160,8 @@ def resolve_config(config_request: dict[str, Any], *, num_images: int, num_class
         raise InputError("unknown_preset", "config.preset must be a string", "config.preset")
     try:
         return resolve_job_config(
-            preset, overrides, num_images=num_images, num_classes=num_classes, base_model=base_model
+            preset, overrides, num_images=num_images, num_classes=len(class_names), base_model=base_model,
+            class_names=class_names,
         )
     except ConfigError as exc:
         param = f"config.{exc.field}" if exc.field else "config"

@@ -18,6 +18,7 @@ Each function takes what zero-shot gives and returns class probabilities (N, K);
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,10 @@ from must_engine.balance import balanced_log_probs
 from must_engine.models import ImageClassifier
 
 
-def sinkhorn_balance(probs: torch.Tensor) -> torch.Tensor:
-    """The balanced assignment (rows sum to 1, columns to N/K) through the offsets the product folds into its
-    head (must_engine.balance), so the peer and `balance_classes` are one computation."""
-    return balanced_log_probs(probs).softmax(dim=-1)
+def sinkhorn_balance(probs: torch.Tensor, prior: Sequence[float] = ()) -> torch.Tensor:
+    """The balanced assignment (rows sum to 1, columns to N/K, or to N x the class `prior`) through the offsets
+    the product folds into its head (must_engine.balance), so the peer and `balance_classes` are one computation."""
+    return balanced_log_probs(probs, prior=prior).softmax(dim=-1)
 
 
 def em_prior(probs: torch.Tensor, iterations: int = 200, tolerance: float = 1e-7) -> torch.Tensor:

@@ -9,6 +9,10 @@ labels (transductive adaptation, the paper's section 4.8); only scoring reads th
 - peers (benchmarks/peers.py): `balanced`, `em_prior`, `label_propagation` (training-free), `tent` (norm-layer
   entropy tuning).
 
+`--class-prior true` gives `auto` (as its `class_prior` field) and every balancing (`balanced`, the `_balanced`
+twins) the target's class shares, what a team that knows how its bucket divides would give; `noisy` the same
+shares each off by a seeded factor between 1/2 and 2. The default `none` balances to uniform, as `auto` does.
+
 Rows are appended to --jsonl as each run finishes ({target, variant, seed, top1, ...}); a rerun skips the rows
 already there, so a table of several hours survives interruptions.
 
@@ -78,9 +82,20 @@ def score(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"top1": float(correct.float().mean()), "mean_per_class": sum(per_class) / len(per_class)}
 
 
+def team_prior(labels: torch.Tensor, num_classes: int, mode: str, seed: int) -> tuple[float, ...]:
+    """The class shares a team would give as `class_prior`: none, the target's own, or those off by up to 2x."""
+    if mode == "none":
+        return ()
+    shares = torch.bincount(labels, minlength=num_classes).double()
+    if mode == "noisy":
+        generator = torch.Generator().manual_seed(seed)
+        shares = shares * 2.0 ** (torch.rand(num_classes, generator=generator, dtype=torch.float64) * 2 - 1)
+    return tuple((shares / shares.sum()).tolist())
+
+
 def run_target(
     target: Path, *, base_model: str, preset: str, overrides: dict[str, Any], variants: list[str], device: str,
-    seed: int = 0, auto_overrides: dict[str, Any] | None = None,
+    seed: int = 0, auto_overrides: dict[str, Any] | None = None, class_prior: str = "none",
     on_row: Callable[[str, dict[str, float]], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Top-1 and mean-per-class accuracy (and seconds) of each variant on one labelled target."""
@@ -88,6 +103,9 @@ def run_target(
     zero_shot = Predictor.zero_shot(base_model, class_names, device=device)
     pixels, labels = labelled_pixels(zero_shot, target)
     zero_shot_probs = zero_shot.probabilities(pixels)
+    prior = team_prior(labels, len(class_names), class_prior, seed)
+    if prior:
+        auto_overrides = {**(auto_overrides or {}), "class_prior": list(prior)}
     adapted: dict[str, torch.Tensor] = {}  # each adaptation runs once, also when its balanced twin is asked
     results: dict[str, dict[str, float]] = {}
     for variant in variants:
@@ -95,6 +113,8 @@ def run_target(
         base, balanced = variant.removesuffix("_balanced"), variant.endswith("_balanced")
         if variant == "zero_shot":
             probs = zero_shot_probs
+        elif variant == "balanced" and prior:
+            probs = sinkhorn_balance(zero_shot_probs, prior)
         elif variant in PEERS:
             probs = PEERS[variant](zero_shot, pixels, zero_shot_probs, seed)
         else:
@@ -104,10 +124,10 @@ def run_target(
                 adapted[base] = adapted_probabilities(target, class_names, pixels, base_model=base_model,
                                                       preset=preset_of, overrides={**extra, "seed": seed},
                                                       device=device)
-            probs = sinkhorn_balance(adapted[base]) if balanced else adapted[base]
+            probs = sinkhorn_balance(adapted[base], prior) if balanced else adapted[base]
         results[variant] = {**score(probs, labels), "seconds": time.perf_counter() - started}
         if variant != "zero_shot":  # what the report's `beyond_balancing` would say of this variant, label-free
-            shares = beyond_balancing(probs, zero_shot_probs)
+            shares = beyond_balancing(probs, zero_shot_probs, prior)
             results[variant].update(class_balancing=shares["class_balancing"],
                                     differs_from_balanced=shares["adapted_differs"])
         print(f"  {target.name:<18} {variant:<14} seed {seed} top-1 {results[variant]['top1']:.4f}  "
@@ -151,6 +171,8 @@ def main() -> None:
                         help="override one field of the ablation variants on top of CALIBRATED")
     parser.add_argument("--auto-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field of `auto` (an experiment on the default; rows record it)")
+    parser.add_argument("--class-prior", choices=("none", "true", "noisy"), default="none",
+                        help="the class shares `auto` and every balancing get (see above); rows record it")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (adaptations and tent)")
     parser.add_argument("--device", default="auto")
@@ -190,12 +212,14 @@ def main() -> None:
                         handle.write(json.dumps({"target": target.name, "target_dir": str(target),
                                                  "variant": variant, "seed": seed,
                                                  "base_model": args.base_model,
+                                                 "class_prior": args.class_prior,
                                                  "overrides": auto_overrides if variant.startswith("auto")
                                                  else overrides, **row}) + "\n")
 
             table[f"{target.name} (seed {seed})"] = run_target(
                 target, base_model=args.base_model, preset=args.preset, overrides=overrides, variants=todo,
-                device=args.device, seed=seed, auto_overrides=auto_overrides, on_row=append,
+                device=args.device, seed=seed, auto_overrides=auto_overrides, class_prior=args.class_prior,
+                on_row=append,
             )
     if table:
         print_table(table, variants)

@@ -1,5 +1,7 @@
 """MUST (Masked Unsupervised Self-Training) on open_clip models: the method, with no web code."""
 
+from collections.abc import Sequence
+
 from must_engine.base_models import (
     DEFAULT_BASE_MODEL,
     BaseModelError,
@@ -33,13 +35,15 @@ from must_engine.version import ENGINE_VERSION
 
 
 def resolve_job_config(
-    preset: str, overrides: dict | None, *, num_images: int, num_classes: int, base_model: str = DEFAULT_BASE_MODEL
+    preset: str, overrides: dict | None, *, num_images: int, num_classes: int, base_model: str = DEFAULT_BASE_MODEL,
+    class_names: Sequence[str] | None = None,
 ) -> MustConfig:
     """resolve_config with the geometry read from the base model (what a service needs in one call)."""
     from must_engine.base_models import geometry
 
     shape = geometry(parse_base_model(base_model))
-    return resolve_config(preset, overrides, num_images=num_images, num_classes=num_classes, geometry=shape)
+    return resolve_config(preset, overrides, num_images=num_images, num_classes=num_classes, geometry=shape,
+                          class_names=class_names)
 
 
 __all__ = [

@@ -95,6 +95,7 @@ def label_bucket(
         histogram += score_histogram(batch.ood_scores)
         on_rows(rows_of(batch, adapted.class_names, top_k))
     report = evidence.report(balanced_export=bool(metadata["config"].get("balance_classes")),
+                             class_prior=tuple(metadata["config"].get("class_prior", ())),
                              training_metrics=metadata.get("metrics"))
     method = (metadata.get("unknown") or {}).get("method", "default")  # unknown.fit_threshold's
     report["unknown"] = {

@@ -107,7 +107,7 @@ def _adapt(args: argparse.Namespace, main_rank: bool, scratch: Path) -> int:
     if args.predictions:
         RowsFile(Path(args.predictions))  # a wrong suffix fails now, not after training
     config = resolve_config(args.preset, overrides, num_images=len(paths), num_classes=len(class_names),
-                            geometry=geometry(spec))
+                            geometry=geometry(spec), class_names=class_names)
     bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=args.quiet or not main_rank)
 
     def show(progress: Progress) -> None:
@@ -147,9 +147,10 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
     bar.close()
     estimate = report["estimated_top1"]
     beyond = report["beyond_balancing"]
+    to_prior = " to the job's class prior" if beyond.get("target") == "class_prior" else ""
     print(f"{sink.count} predictions written to {out}; "
           f"{100 * report['changed_from_zero_shot']:.1f}% changed from zero-shot; balancing zero-shot's "
-          f"classes over the bucket alone changes {100 * beyond['class_balancing']:.1f}%; the adapted model "
+          f"classes over the bucket{to_prior} alone changes {100 * beyond['class_balancing']:.1f}%; the adapted model "
           f"differs from that balanced assignment on {100 * beyond['adapted_differs']:.1f}%")
     unknown = report["unknown"]
     print(f"{100 * unknown['share']:.1f}% of the images look like no known class (ood_score above "

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from must_engine.prior import ClassPriorError, parse_class_prior
 from must_engine.templates import TEMPLATE_SETS
 
 
@@ -84,6 +85,9 @@ class MustConfig:
     # have the uniform class marginal the fairness term assumes instead of the shift's skew (OTTER, Chiang et
     # al. 2024: Sinkhorn label-distribution correction of zero-shot CLIP). Off in the paper's presets.
     balance_init: bool = False
+    # The bucket's expected class shares, in class order (must_engine/prior.py): both balancings move the
+    # predictions to them instead of to uniform. () = uniform. A job gives {class name: weight} or a list.
+    class_prior: tuple[float, ...] = ()
     # Images of no known class (must_engine/unknown.py). "ueo": self-training weighted by the teacher's
     # confidence and the fairness average by its inverse (UEO, Liang et al. 2023), and the balancing above
     # left to the images not flagged unknown; "ueo_zero_shot" takes the confidence of the frozen zero-shot
@@ -108,12 +112,14 @@ class MustConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["notes"] = list(self.notes)
+        data["class_prior"] = list(self.class_prior)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MustConfig:
         values = dict(data)
         values["notes"] = tuple(values.get("notes", ()))
+        values["class_prior"] = tuple(values.get("class_prior", ()))
         return cls(**{k: v for k, v in values.items() if k in _FIELDS})
 
 
@@ -270,8 +276,10 @@ def resolve_config(
     num_images: int,
     num_classes: int,
     geometry: ModelGeometry | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> MustConfig:
-    """Preset + per-job overrides -> a validated MustConfig for this many images and classes."""
+    """Preset + per-job overrides -> a validated MustConfig for this many images and classes (`class_names`
+    are needed only to read a `class_prior` given by class name)."""
     if preset not in PRESETS:
         raise ConfigError(
             f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", field="preset", code="unknown_preset"
@@ -282,6 +290,11 @@ def resolve_config(
         raise ConfigError("at least two class names are needed", field="class_names", code="too_few_classes")
     geometry = geometry or ModelGeometry(image_size=224, patch_size=16)
     overrides = dict(overrides or {})
+    if "class_prior" in overrides:
+        try:
+            overrides["class_prior"] = parse_class_prior(overrides["class_prior"], class_names, num_classes)
+        except ClassPriorError as exc:
+            raise ConfigError(str(exc), field="class_prior", code="invalid_class_prior") from exc
     _check_override_types(overrides)
 
     notes: list[str] = []
@@ -352,6 +365,8 @@ def _check_override_types(overrides: Mapping[str, Any]) -> None:
                 f"unknown config field {key!r}; valid fields: {', '.join(sorted(set(_FIELDS) - _NOT_OVERRIDABLE))}",
                 field=key,
             )
+        if key == "class_prior":
+            continue  # parsed and checked by parse_class_prior
         default = _FIELDS[key].default
         if isinstance(default, bool):
             ok = isinstance(value, bool)

@@ -135,17 +135,19 @@ ESTIMATORS: dict[str, Callable[[_Columns], Estimate]] = {
 OT_SAMPLE = 10_000
 
 
-def beyond_balancing(adapted: torch.Tensor, zero_shot: torch.Tensor) -> dict[str, float]:
+def beyond_balancing(adapted: torch.Tensor, zero_shot: torch.Tensor, prior: Sequence[float] = ()) -> dict[str, Any]:
     """How much of the change from zero-shot a training-free step explains, from both models' rows for the
     same images (the whole bucket up to OT_SAMPLE images, a seeded sample beyond).
 
     The balanced assignment (zero-shot's probabilities with the Sinkhorn offsets that make its predicted classes
     uniform over these images, must_engine.balance) is what `auto` starts from and what a team gets without any
     training. `class_balancing` is the share of images whose zero-shot label that alone changes; `adapted_differs`
-    the share where the adapted model disagrees with it: what training changed that balancing would not.
+    the share where the adapted model disagrees with it: what training changed that balancing would not. With the
+    job's class `prior` the balance is to that marginal (`target`), as the run's own balancing was.
     """
-    balanced = balanced_log_probs(zero_shot).argmax(dim=-1)
+    balanced = balanced_log_probs(zero_shot, prior=prior).argmax(dim=-1)
     return {
+        "target": "class_prior" if prior else "uniform",
         "class_balancing": _mean((balanced != zero_shot.argmax(dim=-1)).float()),
         "adapted_differs": _mean((adapted.argmax(dim=-1) != balanced).float()),
         "images": len(zero_shot),
@@ -205,11 +207,15 @@ class BucketEvidence:
     def estimate(self, estimator: str) -> Estimate:
         return ESTIMATORS[estimator](self.columns())
 
-    def report(self, *, balanced_export: bool, training_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    def report(
+        self, *, balanced_export: bool, class_prior: Sequence[float] = (),
+        training_metrics: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The label-free report a team reads next to its model (SPEC "Evidence for the team").
 
         `balanced_export`: the adapted model's classes were balanced over the bucket at export (its config's
-        `balance_classes`); it picks the estimator that was measured on that kind of model.
+        `balance_classes`); it picks the estimator that was measured on that kind of model. `class_prior`: the
+        marginal that balancing targeted (the config's; uniform when empty).
         """
         c = self.columns()
         k = len(self.class_names)
@@ -226,7 +232,7 @@ class BucketEvidence:
                 model: dict(zip(self.class_names, counts, strict=True)) for model, counts in histogram.items()
             },
             "mean_top1_score": {"adapted": _mean(c.conf_adapted), "zero_shot": _mean(c.conf_zero_shot)},
-            "beyond_balancing": beyond_balancing(c.sample_adapted, c.sample_zero_shot),
+            "beyond_balancing": beyond_balancing(c.sample_adapted, c.sample_zero_shot, class_prior),
             # The student's agreement with the EMA teacher's pseudo-labels over the last logging window.
             "teacher_student_agreement": metrics.get("agreement"),
             "estimated_top1": {

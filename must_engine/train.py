@@ -138,7 +138,7 @@ def adapt(
         if checkpoint is None and config.balance_init:  # a resumed head already holds its offsets
             # each rank classifies its slice of the bucket; every rank balances over all of it
             shard = bucket_logits(classifier.to(target), paths[ranks.rank :: ranks.world_size], preprocess, target)
-            balanced = balance_classes(classifier, ranks.gather_rows(shard))
+            balanced = balance_classes(classifier, ranks.gather_rows(shard), prior=config.class_prior)
             init_metrics = {f"init_{name}": value for name, value in balanced.items()}
         student = MustModel(classifier, seed=config.seed).to(target)
 

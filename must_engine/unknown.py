@@ -222,7 +222,7 @@ def finish_head(
         if config.unknown_weighting != "off":
             raw = ood_score(logits, torch.zeros(classifier.num_classes), scale)
             known = ~is_unknown(raw, float(fit_threshold(raw)["threshold"]))
-        metrics.update(balance_classes(classifier, logits, known))
+        metrics.update(balance_classes(classifier, logits, known, prior=config.class_prior))
     bias = classifier.class_bias.detach().cpu()
     fitted = fit_threshold(ood_score(logits + bias, bias, scale))
     metrics["unknown_bucket_share"] = float(fitted["bucket_share"])

@@ -198,7 +198,7 @@ class AdaptationRunner:
             config = resolve_config(
                 spec.config_request,
                 num_images=len(images),
-                num_classes=len(spec.class_names),
+                class_names=list(spec.class_names),
                 base_model=base_model,
             )
             self._start_running(spec, num_images=len(images), config=config.to_dict())

@@ -36,6 +36,14 @@ def test_zip_upload_is_accepted_queued_and_stored(
     assert client.get(f"/adaptations/{body['id']}", headers=team.headers).json()["id"] == body["id"]
 
 
+def test_a_class_prior_by_name_is_resolved_to_shares_in_class_order(client: TestClient, team, upload) -> None:
+    response = upload(team, config=json.dumps({"class_prior": {"Blotchy": 1, "banded": 3}}))
+    assert response.status_code == 202, response.text
+    config = response.json()["config"]
+    assert config["class_prior"] == [0.75, 0.25] and config["balance_classes"]
+    assert client.get(f"/adaptations/{response.json()['id']}", headers=team.headers).json()["config"] == config
+
+
 def test_many_image_files_and_repeated_class_name_fields(
     client: TestClient, team, dtd_images, store, base_model: str
 ) -> None:

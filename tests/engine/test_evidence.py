@@ -73,8 +73,19 @@ def test_beyond_balancing_separates_what_balancing_alone_changes_from_what_train
         evidence = BucketEvidence(CLASSES)
         evidence.add(adapted, zero_shot)
         beyond = evidence.report(balanced_export=True)["beyond_balancing"]
-        assert beyond == {"class_balancing": pytest.approx(20 / 30), "adapted_differs": pytest.approx(differs),
-                          "images": 30}
+        assert beyond == {"target": "uniform", "class_balancing": pytest.approx(20 / 30),
+                          "adapted_differs": pytest.approx(differs), "images": 30}
+
+
+def test_beyond_balancing_balances_to_the_jobs_class_prior() -> None:
+    """The same head on a bucket the team says is mostly class 0: balancing to that prior moves no label,
+    so an adapted model equal to zero-shot differs from it nowhere (to uniform it would on 20 of 30)."""
+    truth = torch.arange(30) % 3
+    zero_shot = torch.softmax(4 * torch.nn.functional.one_hot(truth, 3) + torch.tensor([5.0, 0.0, 0.0]), dim=-1)
+    evidence = BucketEvidence(CLASSES)
+    evidence.add(zero_shot, zero_shot)
+    beyond = evidence.report(balanced_export=True, class_prior=(0.8, 0.1, 0.1))["beyond_balancing"]
+    assert beyond == {"target": "class_prior", "class_balancing": 0.0, "adapted_differs": 0.0, "images": 30}
 
 
 def test_dispersity_estimators_at_their_extremes() -> None:

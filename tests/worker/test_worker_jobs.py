@@ -45,6 +45,20 @@ def test_job_succeeds_and_records_everything(stack, team, dtd_images) -> None:
     assert model["artifact_bytes"] == sum(info.size for info in artifact)
 
 
+def test_a_class_prior_by_name_reaches_the_engine_through_the_worker(stack, team, dtd_images, tiny_config) -> None:
+    """The worker resolves the stored request again with the job's class names, so a prior given by name
+    balances the exported model to it, and the model's report balances to it too."""
+    config = {**tiny_config, "class_prior": {"Blotchy": 1, "banded": 3}}
+    created = stack.submit(team, dtd_images.zip(dtd_images.paths(16)), config=config)
+    done = stack.wait_final(team, created["id"])
+    assert done["status"] == "succeeded", done
+    assert done["config"]["class_prior"] == [0.75, 0.25] and done["config"]["balance_classes"]
+    model = stack.client.get(f"/models/{done['model_id']}", headers=team.headers).json()
+    assert model["report"]["beyond_balancing"]["target"] == "class_prior"
+    histogram = model["report"]["class_histogram"]["adapted"]
+    assert histogram["banded"] > histogram["blotchy"]  # 16 images balanced to 3:1
+
+
 def test_duplicate_deliveries_run_the_job_once(stack, team, dtd_images) -> None:
     created = stack.submit(team, dtd_images.zip(dtd_images.paths(16)))
     for _ in range(3):  # a broker redelivery, a sweeper re-send, a client retry...

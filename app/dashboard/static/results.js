@@ -33,7 +33,8 @@ export function renderReport(model) {
 
 // What training changed that balancing zero-shot's classes over the bucket (no training at all) would not.
 function beyondLine(beyond) {
-  return `balancing zero-shot's classes over the bucket alone changes ${pct(beyond.class_balancing)}; ` +
+  const to = beyond.target === "class_prior" ? " to the job's class prior" : "";
+  return `balancing zero-shot's classes over the bucket${to} alone changes ${pct(beyond.class_balancing)}; ` +
     `the adapted model differs from that on ${pct(beyond.adapted_differs)}`;
 }
 
