@@ -5,6 +5,8 @@ Training-free and transductive (they see every image of the target at once, as b
   MUST's fairness term assumes (the balanced assignment of SwAV / SeLa), then argmax.
 - `em_prior`: EM re-estimation of the target's class prior (Saerens, Latinne & Decaestecker, 2002), with the
   zero-shot head's implied prior taken as uniform, then the re-weighted posterior's argmax.
+- `distribution_normalization`: the zero-shot head on image embeddings minus a share of their mean over the
+  target (DN, Zhou et al. 2023), which corrects a skew without assuming the uniform class marginal.
 - `label_propagation`: the balanced zero-shot labels diffused over the target's k-nearest-neighbour graph of
   image embeddings (Zhou et al. 2004; the transductive step of ZLaP, Stojnic et al. 2024, seeded with the
   zero-shot probabilities instead of text nodes), then balanced again.
@@ -70,6 +72,17 @@ def label_propagation(
     for _ in range(iterations):
         labels = alpha * graph @ labels + (1 - alpha) * seeds
     return sinkhorn_balance(labels / labels.sum(dim=1, keepdim=True))
+
+
+def distribution_normalization(
+    classifier: ImageClassifier, embeddings: torch.Tensor, coefficient: float = 0.25
+) -> torch.Tensor:
+    """DN (Zhou et al., NeurIPS 2023): subtract `coefficient` x the bucket's mean (unnormalised) image embedding
+    before the cosine with the class embeddings (0.25: the reference code's value). It assumes no class marginal:
+    the per-class offset it amounts to, -coefficient x the mean image's cosine with the class, grows with how
+    many of the bucket's images lie near that class, by skew or by shift alike."""
+    centred = embeddings.float() - coefficient * embeddings.float().mean(dim=0)
+    return classifier.logits(centred).softmax(dim=-1)
 
 
 @torch.inference_mode()

@@ -6,8 +6,8 @@ labels (transductive adaptation, the paper's section 4.8); only scoring reads th
   `auto_balanced`: auto's probabilities balanced over the target (Sinkhorn, as `balanced` below);
 - the Table 5 ablation `self_training`, `st_mim`, `must` with the CALIBRATED hyperparameters (picked on the
   dev shift only) plus --preset/--set, the same for every shift, and each one `_balanced` like auto;
-- peers (benchmarks/peers.py): `balanced`, `em_prior`, `label_propagation` (training-free), `tent` (norm-layer
-  entropy tuning).
+- peers (benchmarks/peers.py): `balanced`, `em_prior`, `distribution_normalization`, `label_propagation`
+  (training-free), `tent` (norm-layer entropy tuning).
 
 `--class-prior true` gives `auto` (as its `class_prior` field) and every balancing (`balanced`, the `_balanced`
 twins) the target's class shares, what a team that knows how its bucket divides would give; `noisy` the same
@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.peers import em_prior, image_embeddings, label_propagation, sinkhorn_balance, tent
+from benchmarks.peers import (
+    distribution_normalization,
+    em_prior,
+    image_embeddings,
+    label_propagation,
+    sinkhorn_balance,
+    tent,
+)
 from must_engine import Predictor, adapt, resolve_job_config
 from must_engine.cli import parse_override
 from must_engine.estimate import beyond_balancing
@@ -57,6 +64,8 @@ ABLATION: dict[str, dict[str, Any]] = {
 PEERS: dict[str, Callable[[Predictor, torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
     "balanced": lambda predictor, pixels, probs, seed: sinkhorn_balance(probs),
     "em_prior": lambda predictor, pixels, probs, seed: em_prior(probs),
+    "distribution_normalization": lambda predictor, pixels, probs, seed: distribution_normalization(
+        predictor.classifier, image_embeddings(predictor.classifier, pixels)),
     "tent": lambda predictor, pixels, probs, seed: tent(predictor.classifier, pixels, seed=seed),
     "label_propagation": lambda predictor, pixels, probs, seed: label_propagation(
         image_embeddings(predictor.classifier, pixels), probs),

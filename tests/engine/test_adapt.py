@@ -64,6 +64,10 @@ def test_cli_reports_bad_input_with_exit_code_2(tiny_base_model: str, dtd_subset
     assert main([*args, "--base-model", tiny_base_model, "--set", "tau=7"]) == 2
     assert "tau" in capsys.readouterr().err
     assert main([*args, "--base-model", tiny_base_model, "--classes", "a,A "]) == 2
+    capsys.readouterr()
+    assert main([*args, "--base-model", tiny_base_model, "--set", 'class_prior={"a": 3, "c": 1}']) == 2
+    err = capsys.readouterr().err
+    assert "invalid_class_prior" in err and "'c', which is not one of the class names" in err
     assert not (tmp_path / "m").exists()
 
 
