@@ -53,7 +53,7 @@ CALIBRATED: dict[str, Any] = {
     "batch_size": 64, "epochs": 5, "base_lr": 2e-3, "ema_final": 0.995, "tau": 0.7, "w_fair": 3.0,
     "randaugment": "rand-n1-m2-mstd0.5-inc1", "crop_scale_min": 0.8,
     "balance_classes": False,  # the ablation is the paper's method; its `_balanced` twins add the balancing
-    "unknown_weighting": "off",  # likewise (auto turns it on; benchmarks/unknowns.py measures it)
+    "unknown_weighting": "off",  # the paper's method, as in auto (benchmarks/unknowns.py measures UEO)
 }
 ABLATION: dict[str, dict[str, Any]] = {
     "self_training": {"mim": False},

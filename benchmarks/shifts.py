@@ -8,6 +8,7 @@ reads the same folder recursively, ignoring them.
     python -m benchmarks.shifts --out runs/shifts                      # every shift at the default severity
     python -m benchmarks.shifts --model must_engine/base_models/proxy-cifar10-tiny   # zero-shot per shift
     python -m benchmarks.shifts --out runs/longtail --shifts fog,pixelate --long-tail 10 --max-per-class 300
+    python -m benchmarks.shifts --out runs/lt_clean --shifts none --long-tail 10   # the test images unshifted
 """
 
 from __future__ import annotations
@@ -96,10 +97,14 @@ SHIFTS: dict[str, tuple[Corruption, tuple[float, ...]]] = {
     "pixelate": (pixelate, (0.6, 0.5, 0.4, 0.33, 0.25)),
     "jpeg_compression": (jpeg_compression, (30, 20, 15, 10, 7)),
 }
+# Not a shift: the source images as they are, so a long-tailed or subsampled clean target is built the same way.
+NO_SHIFT = "none"
 
 
 def apply_shift(images: np.ndarray, shift: str, severity: int = DEFAULT_SEVERITY, seed: int = 0) -> np.ndarray:
     """uint8 (N, H, W, 3) -> the same images under `shift`; the same seed gives the same pixels."""
+    if shift == NO_SHIFT:
+        return images.copy()
     corruption, params = SHIFTS[shift]
     if not 1 <= severity <= len(params):
         raise ValueError(f"severity must be in 1..{len(params)}, got {severity}")
@@ -215,7 +220,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write DIR/<shift>/<class>/<index>.png")
     parser.add_argument("--model", type=Path, help="print this proxy's zero-shot top-1, clean and per shift")
-    parser.add_argument("--shifts", default=",".join(SHIFTS), help="comma-separated, from: " + ", ".join(SHIFTS))
+    parser.add_argument("--shifts", default=",".join(SHIFTS),
+                        help=f"comma-separated, from: {', '.join(SHIFTS)}, or {NO_SHIFT} (unshifted)")
     parser.add_argument("--severity", type=int, default=DEFAULT_SEVERITY, help="1 (mild) .. 5 (harsh)")
     parser.add_argument("--limit", type=int, help="a seeded random subset of this many test images")
     parser.add_argument("--seed", type=int, default=0)
@@ -227,7 +233,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.out is None and args.model is None:
         parser.error("give --out, --model or both")
     args.shifts = args.shifts.split(",")
-    unknown = sorted(set(args.shifts) - set(SHIFTS))
+    unknown = sorted(set(args.shifts) - set(SHIFTS) - {NO_SHIFT})
     if unknown:
         parser.error(f"unknown shifts {unknown}; known: {', '.join(SHIFTS)}")
     return args

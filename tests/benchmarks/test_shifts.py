@@ -87,6 +87,21 @@ def test_cli_writes_the_labelled_layout_that_loads_back(tmp_path: Path) -> None:
         assert np.array_equal(np.array(Image.open(path)), image)
 
 
+def test_no_shift_writes_the_source_images_unchanged(tmp_path: Path) -> None:
+    labels = np.repeat(np.arange(len(CLASSES)), 4)
+    source = tmp_path / "test.npz"
+    images = smooth_images(len(labels))
+    np.savez(source, images=images, labels=labels.astype(np.int16), classes=np.array(CLASSES))
+    shifts.main(["--out", str(tmp_path / "out"), "--shifts", "none", "--source", str(source)])
+
+    out = tmp_path / "out" / "none"
+    assert len(load_labelled(out).labels) == len(labels)
+    for i, label in enumerate(labels):
+        assert np.array_equal(np.array(Image.open(out / CLASSES[label] / f"{i:05d}.png")), images[i])
+    with pytest.raises(SystemExit):
+        shifts.main(["--out", str(tmp_path / "x"), "--shifts", "blur", "--source", str(source)])
+
+
 def test_long_tailed_subset_falls_tenfold_and_varies_the_head_with_the_seed() -> None:
     labels = np.repeat(np.arange(10), 1000)
     index = shifts.long_tailed_subset(labels, ratio=10, max_per_class=300, seed=0)
