@@ -3,7 +3,7 @@
 Balancing (must_engine/balance.py) corrects the zero-shot head's label bias by moving its predicted class
 marginal to a target. Without a prior that target is uniform, the marginal MUST's fairness term assumes; on a
 bucket whose classes are not balanced it takes images from the frequent classes and gives them to the rare
-ones (docs/BENCHMARKS.md, section 6.5: up to 26 points below zero-shot on a long-tailed bucket). OTTER (Shin
+ones (docs/BENCHMARKS.md, section 6.5: up to 11 points below zero-shot on a tenfold long-tailed bucket). OTTER (Shin
 et al., NeurIPS 2024) needs only an estimate of the downstream label distribution; a team that knows roughly
 how its bucket divides (from its own counts, a sample it looked at, a business figure) gives it here. It is
 an input about the bucket, never a label of any image.
@@ -61,7 +61,9 @@ def parse_class_prior(value: Any, class_names: Sequence[str] | None, num_classes
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
             label = class_names[position] if class_names is not None else f"class {position}"
             raise ClassPriorError(f"class_prior weight of {label!r} must be a positive number, got {weight!r}")
-    total = math.fsum(float(weight) for weight in weights)
+    total = sum(float(weight) for weight in weights)
+    if not math.isfinite(total):
+        raise ClassPriorError("class_prior weights are too large to add up; give shares, percentages or counts")
     return tuple(float(weight) / total for weight in weights)
 
 

@@ -40,6 +40,7 @@ def test_a_prior_by_class_name_becomes_shares_in_class_order() -> None:
     ([1, 1, math.inf], "'braided' must be a positive number, got inf"),
     ([1, 1, math.nan], "must be a positive number"),
     ([1, 1], "needs 3 weights, one per class, got 2"),
+    ([1e308, 1e308, 1], "too large to add up"),
     ("banded", "must be an object"),
     (0.5, "must be an object"),
 ])
