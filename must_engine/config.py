@@ -82,7 +82,7 @@ class MustConfig:
     # (must_engine/balance.py). Off in the paper's presets (the paper does not do it); on in `auto`.
     balance_classes: bool = False
     # Balance the zero-shot head the same way *before* training, so the teacher's first pseudo-labels already
-    # have the uniform class marginal the fairness term assumes instead of the shift's skew (OTTER, Chiang et
+    # have the uniform class marginal the fairness term assumes instead of the shift's skew (OTTER, Shin et
     # al. 2024: Sinkhorn label-distribution correction of zero-shot CLIP). Off in the paper's presets.
     balance_init: bool = False
     # The bucket's expected class shares, in class order (must_engine/prior.py): both balancings move the
