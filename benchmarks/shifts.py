@@ -235,7 +235,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.shifts = args.shifts.split(",")
     unknown = sorted(set(args.shifts) - set(SHIFTS) - {NO_SHIFT})
     if unknown:
-        parser.error(f"unknown shifts {unknown}; known: {', '.join(SHIFTS)}")
+        parser.error(f"unknown shifts {unknown}; known: {', '.join(SHIFTS)}, {NO_SHIFT}")
     return args
 
 
