@@ -10,14 +10,7 @@ from must_engine.base_models import (
     parse_base_model,
 )
 from must_engine.checkpoint import ResumeMismatchError
-from must_engine.config import (
-    PRESETS,
-    ConfigError,
-    ModelGeometry,
-    MustConfig,
-    normalize_class_names,
-    resolve_config,
-)
+from must_engine.config import ConfigError, MustConfig, normalize_class_names, resolve_config
 from must_engine.data import NoImagesError, collect_images
 from must_engine.evaluate import EvalResult, evaluate
 from must_engine.images import (
@@ -30,6 +23,7 @@ from must_engine.images import (
     open_image,
 )
 from must_engine.predictor import Predictor
+from must_engine.presets import PRESETS, ModelGeometry
 from must_engine.train import AdaptCancelled, AdaptResult, Progress, TrainingDiverged, adapt
 from must_engine.version import ENGINE_VERSION
 

@@ -20,7 +20,7 @@ from typing import Any
 import open_clip
 import torch
 
-from must_engine.config import ModelGeometry
+from must_engine.presets import ModelGeometry
 
 DEFAULT_BASE_MODEL = "proxy-cifar10-tiny"
 SHIPPED_DIR = Path(__file__).with_name("base_models")

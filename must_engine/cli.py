@@ -14,10 +14,11 @@ from typing import Any
 from must_engine.artifact import is_artifact
 from must_engine.base_models import DEFAULT_BASE_MODEL, BaseModelError, geometry, parse_base_model
 from must_engine.bucket import RowsFile
-from must_engine.config import PRESETS, ConfigError, resolve_config
+from must_engine.config import ConfigError, resolve_config
 from must_engine.data import NoImagesError, collect_images
 from must_engine.images import ArchiveError, ImageError, open_image
 from must_engine.predictor import Predictor
+from must_engine.presets import PRESETS
 
 USER_ERRORS = (ConfigError, BaseModelError, ImageError, ArchiveError, NoImagesError, FileNotFoundError, ValueError)
 

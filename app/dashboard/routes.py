@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from must_engine import DEFAULT_BASE_MODEL
 from must_engine.base_models import list_base_models
-from must_engine.config import PRESETS
+from must_engine.presets import PRESETS
 
 STATIC_DIR = Path(__file__).with_name("static")
 STATIC_PATH = "/static"

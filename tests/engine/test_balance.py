@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 from must_engine import Predictor, adapt
 from must_engine.artifact import WEIGHTS_FILE, load_artifact
 from must_engine.balance import sinkhorn_class_bias
-from must_engine.config import ModelGeometry, resolve_config
+from must_engine.config import resolve_config
 from must_engine.images import find_images, open_image
+from must_engine.presets import ModelGeometry
 
 CLASSES = ["banded", "blotchy", "braided"]
 

@@ -4,15 +4,8 @@ import math
 
 import pytest
 
-from must_engine.config import (
-    AUTO_SMALL_STEPS,
-    PRESETS,
-    ConfigError,
-    ModelGeometry,
-    MustConfig,
-    fairness_uses_moving_average,
-    resolve_config,
-)
+from must_engine.config import ConfigError, MustConfig, fairness_uses_moving_average, resolve_config
+from must_engine.presets import AUTO_SMALL_STEPS, PRESETS, ModelGeometry
 
 B16 = ModelGeometry(image_size=224, patch_size=16)
 L14 = ModelGeometry(image_size=224, patch_size=14, large=True)

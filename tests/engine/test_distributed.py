@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 from must_engine import adapt, resolve_job_config
 from must_engine.artifact import WEIGHTS_FILE
 from must_engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from must_engine.config import ConfigError, ModelGeometry, resolve_config
+from must_engine.config import ConfigError, resolve_config
 from must_engine.data import ResumableSampler
 from must_engine.distributed import LOCAL_BATCH, Ranks, ShardedSampler
 from must_engine.losses import fairness_loss, self_training_loss
+from must_engine.presets import ModelGeometry
 
 CLASSES = ["banded", "blotchy", "braided"]
 MUST = Path(sys.executable).with_name("must")

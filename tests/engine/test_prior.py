@@ -12,8 +12,9 @@ import torch
 from must_engine import ConfigError, Predictor, adapt
 from must_engine.artifact import load_artifact
 from must_engine.balance import sinkhorn_class_bias
-from must_engine.config import ModelGeometry, MustConfig, resolve_config
+from must_engine.config import MustConfig, resolve_config
 from must_engine.images import find_images, open_image
+from must_engine.presets import ModelGeometry
 from must_engine.prior import ClassPriorError, parse_class_prior, target_marginal
 
 CLASSES = ["banded", "blotchy", "braided"]

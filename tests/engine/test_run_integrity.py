@@ -14,8 +14,9 @@ from must_engine import AdaptCancelled, ConfigError, MustConfig, ResumeMismatchE
 from must_engine.artifact import WEIGHTS_FILE
 from must_engine.base_models import load_base_model
 from must_engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from must_engine.config import ModelGeometry, resolve_config
+from must_engine.config import resolve_config
 from must_engine.models import ImageClassifier, MustModel
+from must_engine.presets import ModelGeometry
 from must_engine.train import MustStep, Progress
 from must_engine.zeroshot import zero_shot_classifier
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from must_engine.config import ModelGeometry, resolve_config
+from must_engine.config import resolve_config
 from must_engine.ema import EmaTeacher, ema_decay
 from must_engine.masking import MaskGenerator
 from must_engine.optim import cosine_factor, layer_id, parameter_groups
+from must_engine.presets import ModelGeometry
 
 
 def test_mask_is_patch_aligned_with_the_exact_ratio() -> None:
