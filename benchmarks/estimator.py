@@ -8,6 +8,8 @@ with the true top-1. Labels are read here only, to score the estimates.
 
     python -m benchmarks.estimator --targets runs/shifts1k --cache runs/estimator-auto --adaptation auto
 
+`--class-prior true` gives the adaptation the target's true class shares as `class_prior` (what a team that
+knows how its bucket divides sets), so the estimators are measured on that kind of export too.
 Probabilities are cached per target in --cache, so a rerun only recomputes the estimates.
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.quality import ABLATION, CALIBRATED
+from benchmarks.quality import ABLATION, CALIBRATED, team_prior
 from must_engine import Predictor, adapt, resolve_job_config
 from must_engine.bucket import label_batches
 from must_engine.estimate import ESTIMATORS, BucketEvidence
@@ -32,7 +34,9 @@ from must_engine.evaluate import class_key, labelled_folders
 ADAPTATIONS: dict[str, dict[str, Any]] = {"auto": {}, "calibrated": {**CALIBRATED, **ABLATION["must"]}}
 
 
-def collect(target: Path, cache: Path, *, adaptation: str, base_model: str, device: str) -> dict[str, Any]:
+def collect(
+    target: Path, cache: Path, *, adaptation: str, class_prior: str, base_model: str, device: str
+) -> dict[str, Any]:
     """Both models' probabilities on every image of the target, with the true labels (cached as .npz)."""
     path = cache / f"{target.name}.npz"
     if not path.exists():
@@ -41,7 +45,10 @@ def collect(target: Path, cache: Path, *, adaptation: str, base_model: str, devi
         class_names = list(folders)
         samples = [(image, name) for name, images in folders.items() for image in images]
         zero_shot = Predictor.zero_shot(base_model, class_names, device=device)
-        config = resolve_job_config("auto", ADAPTATIONS[adaptation], num_images=len(samples),
+        labels = torch.tensor([class_names.index(name) for _, name in samples])
+        prior = team_prior(labels, len(class_names), class_prior, seed=0)
+        overrides = {**ADAPTATIONS[adaptation], **({"class_prior": list(prior)} if prior else {})}
+        config = resolve_job_config("auto", overrides, num_images=len(samples),
                                     num_classes=len(class_names), base_model=base_model)
         with tempfile.TemporaryDirectory() as out:
             result = adapt(target, class_names, Path(out), base_model=base_model, config=config, device=device)
@@ -57,13 +64,16 @@ def collect(target: Path, cache: Path, *, adaptation: str, base_model: str, devi
             zero_shot=torch.cat([b.zero_shot for b in batches]).numpy(),
             class_names=np.array(adapted.class_names),
             adaptation=np.array(adaptation),
+            class_prior=np.array(class_prior),
             agreement=np.array(result.metrics.get("agreement", np.nan)),
         )
         print(f"  {target.name}: adapted and labelled in {time.perf_counter() - started:.0f} s", flush=True)
     data = np.load(path)
     cached = str(data["adaptation"]) if "adaptation" in data.files else "calibrated"  # caches written before the choice
-    if cached != adaptation:
-        raise SystemExit(f"{path} holds the {cached!r} adaptation, not {adaptation!r}: use another --cache")
+    cached_prior = str(data["class_prior"]) if "class_prior" in data.files else "none"  # written before the flag
+    if (cached, cached_prior) != (adaptation, class_prior):
+        raise SystemExit(f"{path} holds the {cached!r} adaptation with class prior {cached_prior!r}, not "
+                         f"{adaptation!r} with {class_prior!r}: use another --cache")
     return {key: data[key] for key in data.files}
 
 
@@ -73,11 +83,13 @@ def score_target(data: dict[str, Any]) -> dict[str, dict[str, float]]:
     adapted, zero_shot = torch.from_numpy(data["adapted"]), torch.from_numpy(data["zero_shot"])
     evidence = BucketEvidence(list(data["class_names"]))
     evidence.add(adapted, zero_shot)
+    mode = str(data["class_prior"]) if "class_prior" in data else "none"
+    prior = team_prior(labels, adapted.shape[1], mode, seed=0)  # what the export was balanced to
     truth = {"adapted": float((adapted.argmax(-1) == labels).float().mean()),
              "zero_shot": float((zero_shot.argmax(-1) == labels).float().mean())}
     out: dict[str, dict[str, float]] = {"true": truth}
     for name in ESTIMATORS:
-        out[name] = evidence.estimate(name)
+        out[name] = evidence.estimate(name, prior)
     return out
 
 
@@ -128,13 +140,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True, help="per-target probabilities (.npz), reused")
     parser.add_argument("--adaptation", choices=sorted(ADAPTATIONS), default="auto",
                         help="auto: the product's default; calibrated: the paper's MUST (section 2's settings)")
+    parser.add_argument("--class-prior", choices=("none", "true"), default="none",
+                        help="true: the adaptation gets the target's true class shares as class_prior")
     parser.add_argument("--base-model", default="proxy-cifar10-tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args()
     targets = sorted(p for p in args.targets.iterdir() if p.is_dir())
-    table = {t.name: score_target(collect(t, args.cache, adaptation=args.adaptation, base_model=args.base_model,
-                                          device=args.device)) for t in targets}
+    table = {t.name: score_target(collect(t, args.cache, adaptation=args.adaptation, class_prior=args.class_prior,
+                                          base_model=args.base_model, device=args.device)) for t in targets}
     summary = summarise(table)
     print_tables(table, summary)
     if args.json:

@@ -156,8 +156,22 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
     unknown = report["unknown"]
     print(f"{100 * unknown['share']:.1f}% of the images look like no known class (ood_score above "
           f"{unknown['threshold']:.3f}). {unknown['how']}")
-    print(f"estimated top-1 ({estimate['estimator']}, label-free): adapted {100 * estimate['adapted']:.1f}%, "
-          f"zero-shot {100 * estimate['zero_shot']:.1f}%  [{estimate['measured_error']['summary']}]")
+    assumes = "the job's class prior" if estimate["assumes"] == "class_prior" else "balanced classes"
+    print(f"estimated top-1 ({estimate['estimator']}, label-free, assuming {assumes}): adapted "
+          f"{100 * estimate['adapted']:.1f}%, zero-shot {100 * estimate['zero_shot']:.1f}%  "
+          f"[{estimate['measured_error']['summary']}]")
+    skewed = report["estimated_top1_if_skewed"]
+    if skewed:
+        print(f"if instead the classes divide as zero-shot's labels do ({_top_shares(skewed['class_shares'])}): "
+              f"adapted {100 * skewed['adapted']:.1f}%, zero-shot {100 * skewed['zero_shot']:.1f}%  "
+              f"[{skewed['measured_error']['summary']}]")
+
+
+def _top_shares(shares: dict[str, float], shown: int = 3) -> str:
+    """The most frequent classes of a share table, as "cat 31%, dog 22%, ...": enough to recognise a skew."""
+    ranked = sorted(shares.items(), key=lambda item: item[1], reverse=True)
+    more = ", ..." if len(ranked) > shown else ""
+    return ", ".join(f"{name} {100 * share:.0f}%" for name, share in ranked[:shown]) + more
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

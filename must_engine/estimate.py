@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from must_engine.balance import balanced_log_probs
+from must_engine.measured_errors import SHIPPED, SKEWED_MEASURED_ERROR, export_kind
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class _Columns:
     gram_zero_shot: torch.Tensor
     sample_adapted: torch.Tensor  # probability rows of a seeded uniform sample of images, (<= OT_SAMPLE, K)
     sample_zero_shot: torch.Tensor
+    prior: tuple[float, ...] = ()  # the class shares the export was balanced to; () = uniform
 
 
 Estimate = dict[str, float]  # {"adapted": top-1 in 0..1, "zero_shot": top-1 in 0..1}
@@ -72,6 +74,16 @@ def average_confidence(c: _Columns) -> Estimate:
 
 def cross_confidence(c: _Columns) -> Estimate:
     return {"adapted": _mean(c.zero_shot_on_adapted), "zero_shot": _mean(c.adapted_on_zero_shot)}
+
+
+def prior_cross_confidence(c: _Columns) -> Estimate:
+    """cross_confidence with the adapted model's judge balanced (Sinkhorn) to the class shares its export was
+    balanced to: zero-shot as it stands is skewed by the shift, so it under-scores a model that corrected the
+    skew. Shipped for exports balanced to a job's class_prior, where plain cross_confidence called 8 of 11 gains
+    losses (docs/BENCHMARKS.md, section 5.2)."""
+    judge = balanced_log_probs(c.sample_zero_shot, prior=c.prior).softmax(dim=-1)
+    return {"adapted": _mean(judge.gather(1, c.sample_adapted.argmax(dim=-1, keepdim=True))[:, 0]),
+            "zero_shot": _mean(c.adapted_on_zero_shot)}
 
 
 def ensemble_confidence(c: _Columns) -> Estimate:
@@ -124,13 +136,34 @@ def transport_cost(probabilities: torch.Tensor, epsilon: float = 0.005, iteratio
     return float((plan * cost).sum() / plan.sum())
 
 
+def zero_shot_shares(c: _Columns) -> Estimate:
+    """Both models scored by one judge: the adapted model's probabilities moved (Sinkhorn) to the class shares
+    zero-shot predicts over the bucket. Every other estimator here assumes the bucket's classes are balanced
+    (or, after a balanced export, that they follow its target): on a long-tailed bucket whose frequent classes
+    zero-shot already favours, they call the balancing's loss a gain. This one is the other hypothesis, that
+    the bucket divides as zero-shot predicts; the report shows it beside the first so a team sees how much of
+    the gain rests on the classes being balanced."""
+    shares = zero_shot_class_shares(c.top_zero_shot, c.sample_adapted.shape[1])
+    judge = balanced_log_probs(c.sample_adapted, prior=tuple(shares.tolist())).softmax(dim=-1)
+    return {"adapted": _mean(judge.gather(1, c.sample_adapted.argmax(dim=-1, keepdim=True))[:, 0]),
+            "zero_shot": _mean(judge.gather(1, c.sample_zero_shot.argmax(dim=-1, keepdim=True))[:, 0])}
+
+
+def zero_shot_class_shares(top_zero_shot: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K,) float64 shares of zero-shot's labels over the bucket, add-one smoothed so no class has none."""
+    counts = torch.bincount(top_zero_shot, minlength=num_classes).double()
+    return (counts + 1) / (counts.sum() + num_classes)
+
+
 ESTIMATORS: dict[str, Callable[[_Columns], Estimate]] = {
     "average_confidence": average_confidence,
     "cross_confidence": cross_confidence,
+    "prior_cross_confidence": prior_cross_confidence,
     "ensemble_confidence": ensemble_confidence,
     "agreement_ac": agreement_ac,
     "nuclear_norm": nuclear_norm,
     "optimal_transport": optimal_transport,
+    "zero_shot_shares": zero_shot_shares,
 }
 OT_SAMPLE = 10_000
 
@@ -195,17 +228,19 @@ class BucketEvidence:
     def count(self) -> int:
         return sum(len(part[0]) for part in self._parts)
 
-    def columns(self) -> _Columns:
+    def columns(self, prior: Sequence[float] = ()) -> _Columns:
+        """The per-image columns; `prior`: the class shares the adapted model's export was balanced to."""
         if not self._parts:
             raise ValueError("no images were added")
         if len(self._parts) > 1:
             self._parts = [tuple(torch.cat(column) for column in zip(*self._parts, strict=True))]
         top_a, top_z, conf_a, conf_z, adapted_on_zero_shot, zero_shot_on_adapted = self._parts[0]
         return _Columns(top_a, top_z, conf_a, conf_z, adapted_on_zero_shot, zero_shot_on_adapted,
-                        self._gram_adapted, self._gram_zero_shot, self._sample[:, 0], self._sample[:, 1])
+                        self._gram_adapted, self._gram_zero_shot, self._sample[:, 0], self._sample[:, 1],
+                        tuple(prior))
 
-    def estimate(self, estimator: str) -> Estimate:
-        return ESTIMATORS[estimator](self.columns())
+    def estimate(self, estimator: str, prior: Sequence[float] = ()) -> Estimate:
+        return ESTIMATORS[estimator](self.columns(prior))
 
     def report(
         self, *, balanced_export: bool, class_prior: Sequence[float] = (),
@@ -214,17 +249,19 @@ class BucketEvidence:
         """The label-free report a team reads next to its model (SPEC "Evidence for the team").
 
         `balanced_export`: the adapted model's classes were balanced over the bucket at export (its config's
-        `balance_classes`); it picks the estimator that was measured on that kind of model. `class_prior`: the
-        marginal that balancing targeted (the config's; uniform when empty).
+        `balance_classes`); with `class_prior`, the marginal that balancing targeted (the config's; uniform when
+        empty). The two pick the estimator that was measured on that kind of model (`export_kind`).
         """
-        c = self.columns()
+        kind = export_kind(balanced_export, class_prior)
+        c = self.columns(class_prior if kind == "balanced_to_prior" else ())
         k = len(self.class_names)
         histogram = {
             "adapted": torch.bincount(c.top_adapted, minlength=k).tolist(),
             "zero_shot": torch.bincount(c.top_zero_shot, minlength=k).tolist(),
         }
         metrics = training_metrics or {}
-        shipped = SHIPPED["balanced" if balanced_export else "unbalanced"]
+        shipped = SHIPPED[kind]
+        shares = zero_shot_class_shares(c.top_zero_shot, k)
         return {
             "num_images": self.count,
             "changed_from_zero_shot": _mean((c.top_adapted != c.top_zero_shot).float()),
@@ -238,64 +275,19 @@ class BucketEvidence:
             "estimated_top1": {
                 **ESTIMATORS[shipped.estimator](c),
                 "estimator": shipped.estimator,
+                # The class shares the estimate takes the bucket to have: those the export was balanced to.
+                "assumes": "class_prior" if kind == "balanced_to_prior" else "balanced_classes",
                 "measured_error": shipped.measured_error,
             },
+            # The other hypothesis: the bucket's classes divide as zero-shot predicts (`class_shares`); only for
+            # the kinds of export it was measured on (not one balanced to the job's class prior), else None.
+            "estimated_top1_if_skewed": {
+                **zero_shot_shares(c),
+                "estimator": "zero_shot_shares",
+                "class_shares": dict(zip(self.class_names, shares.tolist(), strict=True)),
+                "measured_error": SKEWED_MEASURED_ERROR[kind],
+            } if kind in SKEWED_MEASURED_ERROR else None,
         }
-
-
-@dataclass(frozen=True)
-class ShippedEstimator:
-    """The estimator a report uses for one kind of export, with what benchmarks/estimator.py measured for it."""
-
-    estimator: str
-    measured_error: dict[str, Any]
-
-
-# docs/BENCHMARKS.md, section 5. Each estimator was chosen on 8 shifted targets of severity 5, then measured on
-# 8 held-out ones (severity 3, another subset) and on 2 long-tailed ones (class counts falling tenfold).
-# "balanced": `auto`'s export (`must adapt` with no settings); "unbalanced": the paper's MUST (the named
-# presets), measured under the benchmark's calibrated settings. For the unbalanced kind no estimator reached
-# the goal (a mean absolute error of at most 3 points) on any set.
-SHIPPED: dict[str, ShippedEstimator] = {
-    "balanced": ShippedEstimator("cross_confidence", {
-        "mae_points": 2.98,
-        "mae_points_zero_shot": 3.25,
-        "mae_points_adapted": 2.71,
-        "max_error_points": 8.06,
-        "mean_signed_error_points": 0.62,
-        "ranked_adapted_vs_zero_shot": "8 of 8",
-        "benchmark": "benchmarks/estimator.py --adaptation auto: proxy-cifar10-tiny on 8 shifted CIFAR-10 targets "
-                     "of 1,000 balanced images (severity 5), zero-shot and auto's class-balanced export; "
-                     "docs/BENCHMARKS.md section 5, measured 2026-12-03",
-        "held_out": {"mae_points": 1.99, "max_error_points": 11.04, "mean_signed_error_points": -0.91,
-                     "ranked_adapted_vs_zero_shot": "7 of 8"},
-        "long_tailed": {"mae_points": 5.97, "max_error_points": 9.55, "mean_signed_error_points": 4.71,
-                        "ranked_adapted_vs_zero_shot": "2 of 2"},
-        "summary": "measured on the proxy benchmark for class-balanced exports (auto's): off by 3.0 points on "
-                   "average (at most 8.1) on harsh shifts, 2.0 (at most 11.0) on milder held-out ones and 6.0 "
-                   "on two long-tailed ones; ordered adapted vs zero-shot correctly on 17 of 18; it understated "
-                   "the gain on 15 of the 16 balanced targets",
-    }),
-    "unbalanced": ShippedEstimator("optimal_transport", {
-        "mae_points": 7.92,
-        "mae_points_zero_shot": 7.07,
-        "mae_points_adapted": 8.78,
-        "max_error_points": 15.76,
-        "mean_signed_error_points": 7.92,
-        "ranked_adapted_vs_zero_shot": "7 of 8",
-        "benchmark": "benchmarks/estimator.py --adaptation calibrated: proxy-cifar10-tiny on 8 shifted CIFAR-10 "
-                     "targets of 1,000 balanced images (severity 5), zero-shot and the paper's MUST; "
-                     "docs/BENCHMARKS.md section 5, measured 2026-12-01",
-        "held_out": {"mae_points": 3.45, "max_error_points": 7.70, "mean_signed_error_points": 3.37,
-                     "ranked_adapted_vs_zero_shot": "7 of 8"},
-        "long_tailed": {"mae_points": 9.66, "max_error_points": 13.53, "mean_signed_error_points": 9.66,
-                        "ranked_adapted_vs_zero_shot": "2 of 2"},
-        "summary": "measured on the proxy benchmark for models exported without class balancing: off by 7.9 "
-                   "points on average (at most 15.8) on harsh shifts, 3.5 (at most 7.7) on milder held-out ones "
-                   "and 9.7 on two long-tailed ones, usually too high; ordered adapted vs zero-shot correctly on "
-                   "16 of 18; it assumes roughly balanced classes",
-    }),
-}
 
 
 def _mean(values: torch.Tensor) -> float:

@@ -12,10 +12,12 @@ import torch
 from must_engine import Predictor, open_image
 from must_engine.artifact import read_metadata
 from must_engine.audit import audit, unknown_folders
+from must_engine.balance import sinkhorn_class_bias
 from must_engine.bucket import RowsFile
 from must_engine.cli import main
-from must_engine.estimate import ESTIMATORS, SHIPPED, BucketEvidence
+from must_engine.estimate import ESTIMATORS, BucketEvidence
 from must_engine.evaluate import evaluate
+from must_engine.measured_errors import SHIPPED, SKEWED_MEASURED_ERROR
 from must_engine.unknown import THRESHOLD_METHODS
 
 CLASSES = ["banded", "blotchy", "braided"]
@@ -58,8 +60,67 @@ def test_the_report_estimates_with_the_estimator_measured_on_its_kind_of_export(
         estimate = evidence.report(balanced_export=balanced_export)["estimated_top1"]
         shipped = SHIPPED[kind]
         assert estimate == {**evidence.estimate(shipped.estimator), "estimator": shipped.estimator,
-                            "measured_error": shipped.measured_error}
+                            "assumes": "balanced_classes", "measured_error": shipped.measured_error}
         assert estimate["measured_error"]["mae_points"] > 0 and estimate["measured_error"]["held_out"]
+    to_prior = evidence.report(balanced_export=True, class_prior=(0.5, 0.3, 0.2))
+    shipped = SHIPPED["balanced_to_prior"]
+    assert to_prior["estimated_top1"] == {**evidence.estimate(shipped.estimator, (0.5, 0.3, 0.2)),
+                                          "estimator": shipped.estimator, "assumes": "class_prior",
+                                          "measured_error": shipped.measured_error}
+    # the skewed-classes estimate is shown only for the kind it was measured worth reading on
+    assert to_prior["estimated_top1_if_skewed"] is None
+    for balanced_export, kind in ((True, "balanced"), (False, "unbalanced")):
+        skewed = evidence.report(balanced_export=balanced_export)["estimated_top1_if_skewed"]
+        assert skewed["measured_error"] == SKEWED_MEASURED_ERROR[kind]
+
+
+def test_an_export_balanced_to_a_right_prior_is_judged_by_zero_shot_balanced_to_it() -> None:
+    """A shift makes zero-shot favour class 0 on a bucket whose frequent class is 2 (10/30/60); the export
+    balanced to those shares is right far more often. Zero-shot as it stands, judging that export, scores it
+    less than half its accuracy; zero-shot balanced to the same shares, prior_cross_confidence's judge, comes
+    within a few points."""
+    generator = torch.Generator().manual_seed(4)
+    prior = (0.1, 0.3, 0.6)
+    truth = torch.cat([torch.full((100,), 0), torch.full((300,), 1), torch.full((600,), 2)])
+    logits = 2.0 * torch.nn.functional.one_hot(truth, 3) + torch.randn(1000, 3, generator=generator)
+    zero_shot = torch.softmax(logits + torch.tensor([2.0, 0.0, -1.0]), dim=-1)  # the shift's skew
+    adapted = torch.softmax(torch.log(zero_shot) + sinkhorn_class_bias(zero_shot, prior), dim=-1)
+    accuracy = {name: float((p.argmax(1) == truth).float().mean()) for name, p in
+                (("adapted", adapted), ("zero_shot", zero_shot))}
+    assert accuracy["adapted"] > accuracy["zero_shot"] + 0.1
+
+    evidence = BucketEvidence(CLASSES)
+    evidence.add(adapted, zero_shot)
+    plain, judged = evidence.estimate("cross_confidence"), evidence.estimate("prior_cross_confidence", prior)
+    assert accuracy["adapted"] - plain["adapted"] > 0.3  # the failure the balanced judge exists for
+    assert abs(judged["adapted"] - accuracy["adapted"]) < 0.1
+    assert judged["zero_shot"] == plain["zero_shot"]  # zero-shot is still judged by the adapted model
+
+
+def test_on_a_bucket_skewed_as_zero_shot_predicts_the_skewed_estimate_sees_the_balancings_loss() -> None:
+    """A long-tailed bucket (60/30/10) that a calibrated zero-shot head already gets mostly right, and an export
+    balanced towards uniform, which moves head images into the tail: it is worse, yet the balanced-classes
+    estimate calls it better. The estimate under zero-shot's own class shares orders the two models right."""
+    generator = torch.Generator().manual_seed(3)
+    truth = torch.cat([torch.full((600,), 0), torch.full((300,), 1), torch.full((100,), 2)])
+    logits = 2.0 * torch.nn.functional.one_hot(truth, 3) + torch.randn(1000, 3, generator=generator)
+    zero_shot = torch.softmax(logits + torch.tensor([0.6, 0.0, -0.6]), dim=-1)  # the bucket's skew, roughly
+    adapted = torch.softmax(logits, dim=-1)
+    adapted = torch.softmax(torch.log(adapted) + sinkhorn_class_bias(adapted), dim=-1)  # balanced to uniform
+    accuracy = {name: float((p.argmax(1) == truth).float().mean()) for name, p in
+                (("adapted", adapted), ("zero_shot", zero_shot))}
+    assert accuracy["adapted"] < accuracy["zero_shot"] - 0.03
+
+    evidence = BucketEvidence(CLASSES)
+    evidence.add(adapted, zero_shot)
+    report = evidence.report(balanced_export=True)
+    balanced, skewed = report["estimated_top1"], report["estimated_top1_if_skewed"]
+    assert balanced["adapted"] > balanced["zero_shot"]  # the failure this estimate exists for
+    assert skewed["adapted"] < skewed["zero_shot"]
+    assert abs(skewed["zero_shot"] - accuracy["zero_shot"]) < abs(balanced["zero_shot"] - accuracy["zero_shot"])
+    counts = torch.bincount(zero_shot.argmax(1), minlength=3).double()
+    assert list(skewed["class_shares"].values()) == pytest.approx(((counts + 1) / 1003).tolist())
+    assert skewed["estimator"] == "zero_shot_shares" and skewed["measured_error"] == SKEWED_MEASURED_ERROR["balanced"]
 
 
 def test_beyond_balancing_separates_what_balancing_alone_changes_from_what_training_did() -> None:
@@ -170,6 +231,10 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
     assert read_metadata(out)["config"]["balance_classes"]  # auto's export: the balanced kind's estimator
     assert report["estimated_top1"]["estimator"] == SHIPPED["balanced"].estimator
     assert report["estimated_top1"]["measured_error"]["summary"] in printed
+    skewed = report["estimated_top1_if_skewed"]
+    assert (f"adapted {100 * skewed['adapted']:.1f}%, zero-shot {100 * skewed['zero_shot']:.1f}%  "
+            f"[{SKEWED_MEASURED_ERROR['balanced']['summary']}]") in printed
+    assert sum(skewed["class_shares"].values()) == pytest.approx(1.0)
     method = read_metadata(out)["unknown"]["method"]
     assert report["unknown"]["how"] == THRESHOLD_METHODS[method] and report["unknown"]["how"] in printed
     beyond = report["beyond_balancing"]
