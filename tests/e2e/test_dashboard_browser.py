@@ -161,6 +161,12 @@ def test_the_whole_flow_in_the_browser(
     assert css(browser, "#rep-beyond").text == (f"balancing zero-shot's classes over the bucket alone changes "
                                                  f"{balancing}%; the adapted model differs from that on {differs}%")
     assert css(browser, "#rep-est-adapted").text == f"{100 * model['report']['estimated_top1']['adapted']:.1f}%"
+    skewed = model["report"]["estimated_top1_if_skewed"]
+    adapted, zero = browser.execute_script(
+        "return Array.from(arguments).map((v) => (100 * v).toFixed(1))", skewed["adapted"], skewed["zero_shot"])
+    shown = css(browser, "#rep-est-skewed").text
+    assert shown.startswith(f"adapted {adapted}%, zero-shot {zero}% (zero-shot's shares: ")
+    assert skewed["measured_error"]["summary"] in text_of(browser, "#rep-skewed-trust")
     # what the bucket threshold flagged, and the histogram of the scores it was fitted on
     unknown, flagged = model["report"]["unknown"], {row["image"] for row in rows if row["unknown"]}
     assert flagged, "a fitted threshold flags at least the top 1% of its bucket"

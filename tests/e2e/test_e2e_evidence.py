@@ -114,7 +114,11 @@ def test_report_in_the_model_and_its_artifact(stack, adapted) -> None:
     assert report["mean_top1_score"]["zero_shot"] == pytest.approx(
         sum(r["zero_shot"][0]["score"] for r in rows) / 16, abs=1e-5)
     estimate = report["estimated_top1"]
-    assert {"adapted", "zero_shot", "estimator", "measured_error"} <= set(estimate)
+    assert {"adapted", "zero_shot", "estimator", "assumes", "measured_error"} <= set(estimate)
+    skewed = report["estimated_top1_if_skewed"]  # the other hypothesis: classes divide as zero-shot's labels do
+    zero_shot_labels = [r["zero_shot"][0]["label"] for r in rows]
+    assert skewed["class_shares"] == {label: pytest.approx((zero_shot_labels.count(label) + 1) / (16 + len(CLASSES)))
+                                      for label in CLASSES}
     beyond = report["beyond_balancing"]  # on every image of a bucket this small: shares of 16
     assert beyond["images"] == 16
     assert all(16 * beyond[share] == pytest.approx(round(16 * beyond[share])) for share in

@@ -12,6 +12,7 @@ export function renderReport(model) {
   if (!r) { box.replaceChildren(el("p", { class: "muted" }, "This model has no label-free report.")); return; }
   const est = r.estimated_top1 || {};
   const measured = est.measured_error || {};
+  const skewed = r.estimated_top1_if_skewed;
   box.replaceChildren(el("dl", { class: "kv" },
     el("dt", {}, "Images in the bucket"), el("dd", {}, r.num_images),
     el("dt", {}, "Changed from zero-shot"), el("dd", { id: "rep-changed" }, pct(r.changed_from_zero_shot)),
@@ -20,15 +21,31 @@ export function renderReport(model) {
     el("dt", {}, "Teacher-student agreement"), el("dd", {}, pct(r.teacher_student_agreement)),
     el("dt", {}, "Estimated top-1, adapted"), el("dd", { id: "rep-est-adapted" }, pct(est.adapted)),
     el("dt", {}, "Estimated top-1, zero-shot"), el("dd", { id: "rep-est-zero" }, pct(est.zero_shot)),
-    el("dt", {}, "Estimator"), el("dd", {}, est.estimator || "-"),
+    el("dt", {}, "Estimator"), el("dd", {}, est.estimator ? `${est.estimator}, ${assumption(est.assumes)}` : "-"),
+    skewed ? [el("dt", {}, "If the classes divide as zero-shot's labels do"),
+      el("dd", { id: "rep-est-skewed" }, skewedLine(skewed))] : null,
     r.unknown ? [el("dt", {}, "Of no known class"), el("dd", { id: "rep-unknown" }, unknownLine(r))] : null),
   measured.summary ? el("p", { class: "muted" }, `How far to trust the estimate: ${measured.summary}.`) : null,
+  skewed ? el("p", { class: "muted", id: "rep-skewed-trust" },
+    `How far to trust the second estimate: ${skewed.measured_error.summary}. `,
+    "If you know how your bucket divides, give it as ", el("code", {}, "class_prior"), ".") : null,
   r.unknown && r.unknown.histogram ? unknownChart(r.unknown) : null,
   el("p", {}, el("a", { href: `#/try/${model.id}` }, "Try this model"), " \u00b7 ",
     el("a", { id: "res-download", onclick: () => downloadArtifact(model.id) }, "Download artifact"), " \u00b7 ",
     el("a", { id: "res-csv", onclick: () => downloadPredictions(model.adaptation_id) }, "All predictions (CSV)")));
   const hist = r.class_histogram;
   barChart($("#res-histogram"), model.class_names.map((name) => ({ label: name, values: [hist.adapted[name] || 0, hist.zero_shot[name] || 0] })), ["adapted", "zero-shot"]);
+}
+
+function assumption(assumes) {
+  return assumes === "class_prior" ? "assuming the classes divide as the job's class prior says" : "assuming balanced classes";
+}
+
+// The second hypothesis: the bucket divides as zero-shot's labels do (its three most frequent classes shown).
+function skewedLine(skewed) {
+  const top = Object.entries(skewed.class_shares).sort((a, b) => b[1] - a[1]);
+  const shares = top.slice(0, 3).map(([name, share]) => `${name} ${Math.round(100 * share)}%`).join(", ");
+  return `adapted ${pct(skewed.adapted)}, zero-shot ${pct(skewed.zero_shot)} (zero-shot's shares: ${shares}${top.length > 3 ? ", ..." : ""})`;
 }
 
 // What training changed that balancing zero-shot's classes over the bucket (no training at all) would not.
