@@ -165,6 +165,13 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
         print(f"if instead the classes divide as zero-shot's labels do ({_top_shares(skewed['class_shares'])}): "
               f"adapted {100 * skewed['adapted']:.1f}%, zero-shot {100 * skewed['zero_shot']:.1f}%  "
               f"[{skewed['measured_error']['summary']}]")
+        if not skewed["same_order"]:
+            print(SKEWED_DISAGREES)
+
+
+SKEWED_DISAGREES = ("the two estimates disagree about which model is better: the difference rests on the bucket's "
+                    "classes being about equally frequent; if they are not, set class_prior or audit a few "
+                    "labelled images")
 
 
 def _top_shares(shares: dict[str, float], shown: int = 3) -> str:

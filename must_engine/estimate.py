@@ -262,6 +262,8 @@ class BucketEvidence:
         metrics = training_metrics or {}
         shipped = SHIPPED[kind]
         shares = zero_shot_class_shares(c.top_zero_shot, k)
+        estimate = ESTIMATORS[shipped.estimator](c)
+        skewed = zero_shot_shares(c) if kind in SKEWED_MEASURED_ERROR else None
         return {
             "num_images": self.count,
             "changed_from_zero_shot": _mean((c.top_adapted != c.top_zero_shot).float()),
@@ -273,7 +275,7 @@ class BucketEvidence:
             # The student's agreement with the EMA teacher's pseudo-labels over the last logging window.
             "teacher_student_agreement": metrics.get("agreement"),
             "estimated_top1": {
-                **ESTIMATORS[shipped.estimator](c),
+                **estimate,
                 "estimator": shipped.estimator,
                 # The class shares the estimate takes the bucket to have: those the export was balanced to.
                 "assumes": "class_prior" if kind == "balanced_to_prior" else "balanced_classes",
@@ -281,13 +283,20 @@ class BucketEvidence:
             },
             # The other hypothesis: the bucket's classes divide as zero-shot predicts (`class_shares`); only for
             # the kinds of export it was measured on (not one balanced to the job's class prior), else None.
+            # `same_order`: whether it ranks the two models as estimated_top1 does; when not, the gain (or loss)
+            # rests on the classes being balanced, which the team may know to be false.
             "estimated_top1_if_skewed": {
-                **zero_shot_shares(c),
+                **skewed,
                 "estimator": "zero_shot_shares",
                 "class_shares": dict(zip(self.class_names, shares.tolist(), strict=True)),
+                "same_order": _gain(skewed) * _gain(estimate) > 0,
                 "measured_error": SKEWED_MEASURED_ERROR[kind],
-            } if kind in SKEWED_MEASURED_ERROR else None,
+            } if skewed else None,
         }
+
+
+def _gain(estimate: Estimate) -> float:
+    return estimate["adapted"] - estimate["zero_shot"]
 
 
 def _mean(values: torch.Tensor) -> float:

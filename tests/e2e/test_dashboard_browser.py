@@ -167,6 +167,7 @@ def test_the_whole_flow_in_the_browser(
     shown = css(browser, "#rep-est-skewed").text
     assert shown.startswith(f"adapted {adapted}%, zero-shot {zero}% (zero-shot's shares: ")
     assert skewed["measured_error"]["summary"] in text_of(browser, "#rep-skewed-trust")
+    assert bool(css_all(browser, "#rep-disagree")) is not skewed["same_order"]
     # what the bucket threshold flagged, and the histogram of the scores it was fitted on
     unknown, flagged = model["report"]["unknown"], {row["image"] for row in rows if row["unknown"]}
     assert flagged, "a fitted threshold flags at least the top 1% of its bucket"

@@ -14,7 +14,7 @@ from must_engine.artifact import read_metadata
 from must_engine.audit import audit, unknown_folders
 from must_engine.balance import sinkhorn_class_bias
 from must_engine.bucket import RowsFile
-from must_engine.cli import main
+from must_engine.cli import SKEWED_DISAGREES, main
 from must_engine.estimate import ESTIMATORS, BucketEvidence
 from must_engine.evaluate import evaluate
 from must_engine.measured_errors import SHIPPED, SKEWED_MEASURED_ERROR
@@ -116,7 +116,7 @@ def test_on_a_bucket_skewed_as_zero_shot_predicts_the_skewed_estimate_sees_the_b
     report = evidence.report(balanced_export=True)
     balanced, skewed = report["estimated_top1"], report["estimated_top1_if_skewed"]
     assert balanced["adapted"] > balanced["zero_shot"]  # the failure this estimate exists for
-    assert skewed["adapted"] < skewed["zero_shot"]
+    assert skewed["adapted"] < skewed["zero_shot"] and skewed["same_order"] is False
     assert abs(skewed["zero_shot"] - accuracy["zero_shot"]) < abs(balanced["zero_shot"] - accuracy["zero_shot"])
     counts = torch.bincount(zero_shot.argmax(1), minlength=3).double()
     assert list(skewed["class_shares"].values()) == pytest.approx(((counts + 1) / 1003).tolist())
@@ -235,6 +235,9 @@ def test_adapt_writes_predictions_and_report(tiny_base_model: str, dtd_subset: P
     assert (f"adapted {100 * skewed['adapted']:.1f}%, zero-shot {100 * skewed['zero_shot']:.1f}%  "
             f"[{SKEWED_MEASURED_ERROR['balanced']['summary']}]") in printed
     assert sum(skewed["class_shares"].values()) == pytest.approx(1.0)
+    estimate = report["estimated_top1"]
+    agree = (skewed["adapted"] - skewed["zero_shot"]) * (estimate["adapted"] - estimate["zero_shot"]) > 0
+    assert skewed["same_order"] is agree and (SKEWED_DISAGREES in printed) is not agree
     method = read_metadata(out)["unknown"]["method"]
     assert report["unknown"]["how"] == THRESHOLD_METHODS[method] and report["unknown"]["how"] in printed
     beyond = report["beyond_balancing"]
