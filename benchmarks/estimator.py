@@ -74,7 +74,7 @@ def collect(
     if (cached, cached_prior) != (adaptation, class_prior):
         raise SystemExit(f"{path} holds the {cached!r} adaptation with class prior {cached_prior!r}, not "
                          f"{adaptation!r} with {class_prior!r}: use another --cache")
-    return {key: data[key] for key in data.files}
+    return {**{key: data[key] for key in data.files}, "class_prior": np.array(cached_prior)}
 
 
 def score_target(data: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -83,8 +83,7 @@ def score_target(data: dict[str, Any]) -> dict[str, dict[str, float]]:
     adapted, zero_shot = torch.from_numpy(data["adapted"]), torch.from_numpy(data["zero_shot"])
     evidence = BucketEvidence(list(data["class_names"]))
     evidence.add(adapted, zero_shot)
-    mode = str(data["class_prior"]) if "class_prior" in data else "none"
-    prior = team_prior(labels, adapted.shape[1], mode, seed=0)  # what the export was balanced to
+    prior = team_prior(labels, adapted.shape[1], str(data["class_prior"]), seed=0)  # what the export was balanced to
     truth = {"adapted": float((adapted.argmax(-1) == labels).float().mean()),
              "zero_shot": float((zero_shot.argmax(-1) == labels).float().mean())}
     out: dict[str, dict[str, float]] = {"true": truth}

@@ -22,6 +22,10 @@ from must_engine.presets import PRESETS
 
 USER_ERRORS = (ConfigError, BaseModelError, ImageError, ArchiveError, NoImagesError, FileNotFoundError, ValueError)
 
+SKEWED_DISAGREES = ("the two estimates disagree about which model is better: the difference rests on the bucket's "
+                    "classes being about equally frequent; if they are not, set class_prior or audit a few "
+                    "labelled images")
+
 
 def parse_class_names(value: str) -> list[str]:
     """A comma-separated list, or a file: a JSON array or one name per line."""
@@ -167,11 +171,6 @@ def _write_predictions(paths: list[Path], root: Path, artifact_dir: Path, out: P
               f"[{skewed['measured_error']['summary']}]")
         if not skewed["same_order"]:
             print(SKEWED_DISAGREES)
-
-
-SKEWED_DISAGREES = ("the two estimates disagree about which model is better: the difference rests on the bucket's "
-                    "classes being about equally frequent; if they are not, set class_prior or audit a few "
-                    "labelled images")
 
 
 def _top_shares(shares: dict[str, float], shown: int = 3) -> str:

@@ -24,6 +24,11 @@ Estimators of top-1 accuracy (each gives one for the adapted and one for the zer
   them, so it is not scored as confident. It assumes the bucket's classes are roughly balanced; on an
   imbalanced bucket it underestimates.
 
+- ``prior_cross_confidence``: ``cross_confidence`` with the adapted model judged by zero-shot balanced to the
+  class shares the export was balanced to (a job's ``class_prior``).
+- ``zero_shot_shares``: both models judged by the adapted model moved to the class shares of zero-shot's
+  labels; the estimate under the hypothesis that the bucket divides as zero-shot says (section 5.2).
+
 The first four were chosen before anything was measured; ``nuclear_norm`` and then ``optimal_transport``
 were added after the benchmark showed that mean confidence hardly moves with accuracy on this proxy.
 
@@ -82,8 +87,7 @@ def prior_cross_confidence(c: _Columns) -> Estimate:
     skew. Shipped for exports balanced to a job's class_prior, where plain cross_confidence called 8 of 11 gains
     losses (docs/BENCHMARKS.md, section 5.2)."""
     judge = balanced_log_probs(c.sample_zero_shot, prior=c.prior).softmax(dim=-1)
-    return {"adapted": _mean(judge.gather(1, c.sample_adapted.argmax(dim=-1, keepdim=True))[:, 0]),
-            "zero_shot": _mean(c.adapted_on_zero_shot)}
+    return {"adapted": _judged(judge, c.sample_adapted), "zero_shot": _mean(c.adapted_on_zero_shot)}
 
 
 def ensemble_confidence(c: _Columns) -> Estimate:
@@ -145,8 +149,12 @@ def zero_shot_shares(c: _Columns) -> Estimate:
     the gain rests on the classes being balanced."""
     shares = zero_shot_class_shares(c.top_zero_shot, c.sample_adapted.shape[1])
     judge = balanced_log_probs(c.sample_adapted, prior=tuple(shares.tolist())).softmax(dim=-1)
-    return {"adapted": _mean(judge.gather(1, c.sample_adapted.argmax(dim=-1, keepdim=True))[:, 0]),
-            "zero_shot": _mean(judge.gather(1, c.sample_zero_shot.argmax(dim=-1, keepdim=True))[:, 0])}
+    return {"adapted": _judged(judge, c.sample_adapted), "zero_shot": _judged(judge, c.sample_zero_shot)}
+
+
+def _judged(judge: torch.Tensor, rows: torch.Tensor) -> float:
+    """Mean probability the judge's rows give to the label (argmax) of each of `rows`, image by image."""
+    return _mean(judge.gather(1, rows.argmax(dim=-1, keepdim=True))[:, 0])
 
 
 def zero_shot_class_shares(top_zero_shot: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -261,7 +269,6 @@ class BucketEvidence:
         }
         metrics = training_metrics or {}
         shipped = SHIPPED[kind]
-        shares = zero_shot_class_shares(c.top_zero_shot, k)
         estimate = ESTIMATORS[shipped.estimator](c)
         skewed = zero_shot_shares(c) if kind in SKEWED_MEASURED_ERROR else None
         return {
@@ -288,7 +295,8 @@ class BucketEvidence:
             "estimated_top1_if_skewed": {
                 **skewed,
                 "estimator": "zero_shot_shares",
-                "class_shares": dict(zip(self.class_names, shares.tolist(), strict=True)),
+                "class_shares": dict(zip(self.class_names, zero_shot_class_shares(c.top_zero_shot, k).tolist(),
+                                         strict=True)),
                 "same_order": _gain(skewed) * _gain(estimate) > 0,
                 "measured_error": SKEWED_MEASURED_ERROR[kind],
             } if skewed else None,
